@@ -1,0 +1,5 @@
+import sys
+
+from fp8lab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,364 @@
+"""Job configuration: one dataclass per component, TOML files and dotted CLI overrides.
+
+Precedence is CLI > TOML > defaults. Every field carries its documentation (and, where
+the value is one of a set, its choices) in `metadata`, so errors and `fp8lab train
+--help-config` can name the key and list what is allowed. Each section validates itself
+in `__post_init__`; cross-section rules live in `JobConfig.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import tomli_w
+
+from fp8lab.errors import FP8LabError
+from fp8lab.models.presets import PRESETS
+from fp8lab.precision.recipes import RECIPES
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None) -> Any:
+    """A config field with its documentation and, optionally, its allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise FP8LabError(
+                f"{section}.{f.name}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}"
+            )
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+            need = ">= 0" if allow_zero else "> 0"
+            raise FP8LabError(f"{section}.{name}={v} must be {need}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = opt("debug", "named size", choices=tuple(PRESETS))
+    vocab_size: int = opt(0, "0: the data's vocabulary rounded up to a multiple of 64 (tensor-core friendly)")
+    dim: Optional[int] = opt(None, "override the preset's model width")
+    n_layers: Optional[int] = opt(None, "override the preset's number of blocks")
+    n_heads: Optional[int] = opt(None, "override the preset's attention heads")
+    n_kv_heads: Optional[int] = opt(None, "override the preset's key/value heads (grouped-query attention)")
+    ffn_dim: Optional[int] = opt(None, "override the preset's SwiGLU hidden size")
+    tie_embeddings: Optional[bool] = opt(None, "override whether the output head shares the embedding weights")
+
+    def __post_init__(self):
+        _check_choices(self, "model")
+        _positive("model", self, "vocab_size", allow_zero=True)
+        _positive("model", self, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("embedded", "a prepared data directory (manifest.json + shards), or 'embedded' for the "
+                                "built-in corpus (Python standard library source, byte-level)")
+    seq_len: int = opt(512, "tokens per training sequence; must equal the prepared data's seq_len")
+    micro_batch_size: int = opt(8, "sequences per forward/backward pass")
+    seed: int = opt(0, "seed of the data order (separate from train.seed, the init seed)")
+    embedded_bytes: int = opt(4_000_000, "byte budget of the embedded corpus")
+    verify: str = opt("size", "checks on open: header and sizes, or also every shard's sha256",
+                      choices=("size", "full"))
+
+    def __post_init__(self):
+        _check_choices(self, "data")
+        _positive("data", self, "seq_len", "micro_batch_size", "embedded_bytes")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(100, "optimizer steps to train for")
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    seed: int = opt(0, "seed of the model's initial weights")
+    eval_interval: int = opt(50, "evaluate on the held-out batches every N steps (0: only at the end)")
+    eval_batches: int = opt(4, "held-out micro-batches per evaluation (the same ones for every run)")
+    device: str = opt("auto", "where to train; auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "torch CPU threads (0: torch's default); fix it for bitwise-repeatable CPU runs")
+
+    def __post_init__(self):
+        _check_choices(self, "train")
+        _positive("train", self, "steps", "grad_accum_steps", "eval_batches")
+        _positive("train", self, "eval_interval", "threads", allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimizer (AdamW with decay on matrices, none on norms)", choices=("adamw",))
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine schedule)")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("cosine", "decay after warm-up", choices=("cosine", "constant"))
+    weight_decay: float = opt(0.1, "decoupled weight decay on 2-D weights")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: measure, do not clip)")
+
+    def __post_init__(self):
+        _check_choices(self, "optim")
+        _positive("optim", self, "lr", "eps")
+        _positive("optim", self, "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise FP8LabError(f"optim.{name}={v} must lie in [0, 1]")
+
+
+@dataclass
+class PrecisionConfig:
+    recipe: str = opt("bf16", "training recipe; `fp8lab recipes` describes them", choices=tuple(RECIPES))
+    compute_dtype: str = opt("auto", "dtype of non-FP8 compute: auto = bf16 autocast, except FP8 recipes "
+                                     "on CPU, which compute in fp32; master weights are always fp32",
+                             choices=("auto", "bf16", "fp32"))
+    emulate: str = opt("auto", "run FP8 through TorchAO's emulation: auto = on CPU only",
+                       choices=("auto", "on", "off"))
+    skip_modules: list[str] = opt(["output"], "linears left in high precision: exact names, name suffixes "
+                                         "(e.g. 'w2') or fnmatch patterns (e.g. 'layers.0.*')")
+    filter_mode: str = opt("all", "which eligible linears to convert: all, or heuristic (TorchAO's "
+                                  "H100 size rules: small GEMMs stay high precision)",
+                           choices=("all", "heuristic"))
+    compile: str = opt("auto", "torch.compile the model: auto = on for CUDA, off for CPU",
+                       choices=("auto", "on", "off"))
+
+    def __post_init__(self):
+        _check_choices(self, "precision")
+        if not all(isinstance(s, str) and s for s in self.skip_modules):
+            raise FP8LabError(f"precision.skip_modules must be a list of non-empty names, got {self.skip_modules!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = opt(50, "save a checkpoint every N steps, and at the end (0: only at the end)")
+    keep: int = opt(3, "complete checkpoints kept (the newest is never deleted)")
+
+    def __post_init__(self):
+        _positive("checkpoint", self, "interval", allow_zero=True)
+        _positive("checkpoint", self, "keep")
+
+
+@dataclass
+class GuardConfig:
+    skip_nonfinite: bool = opt(True, "a non-finite loss or gradient norm skips the optimizer step "
+                                     "(parameters and optimizer state untouched) and is logged")
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel: str = opt("none", "data parallelism across torchrun ranks (FSDP2 is planned)",
+                             choices=("none",))
+
+    def __post_init__(self):
+        _check_choices(self, "parallel")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = opt(10, "console line every N steps when the console is not a terminal")
+    progress: str = opt("auto", "progress bar: auto = when the console is a terminal",
+                        choices=("auto", "on", "off"))
+
+    def __post_init__(self):
+        _check_choices(self, "logging")
+        _positive("logging", self, "log_interval")
+
+
+@dataclass
+class DebugConfig:
+    inject_nan_at_step: int = opt(0, "make the loss NaN at this step (fault drill for the guard; 0: off)")
+    stop_at_step: int = opt(0, "stop after this step without the final checkpoint, as if interrupted "
+                               "(resume drill; 0: off)")
+
+    def __post_init__(self):
+        _positive("debug", self, "inject_nan_at_step", "stop_at_step", allow_zero=True)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self):
+        if self.optim.warmup_steps > self.train.steps:
+            raise FP8LabError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}; "
+                "lower the warm-up or train longer"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        # None means "the preset's value"; TOML has no null, so such keys are left out.
+        return {
+            sec.name: {k: v for k, v in dataclasses.asdict(getattr(self, sec.name)).items() if v is not None}
+            for sec in dataclasses.fields(self)
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def flat(self) -> dict[str, Any]:
+        """{'section.key': value} for every field, None included."""
+        return {
+            f"{sec.name}.{f.name}": getattr(getattr(self, sec.name), f.name)
+            for sec in dataclasses.fields(self)
+            for f in dataclasses.fields(getattr(self, sec.name))
+        }
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> FP8LabError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return FP8LabError(f"unknown {kind} {name!r}{hint}; known: {', '.join(known)}")
+
+
+def _resolve(key: str) -> dataclasses.Field:
+    if "." not in key:
+        raise FP8LabError(f"config key {key!r} must be section.key, e.g. train.steps")
+    section, name = key.split(".", 1)
+    if section not in SECTIONS:
+        raise _unknown("config section", section, list(SECTIONS))
+    fields = _section_fields(section)
+    if name not in fields:
+        raise _unknown("config key", key, [f"{section}.{n}" for n in fields])
+    return fields[name]
+
+
+def _field_type(key: str) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a `section.key`."""
+    section, name = key.split(".", 1)
+    tp = typing.get_type_hints(SECTIONS[section])[name]  # resolves `from __future__` strings
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union:
+        return args[0], True
+    return (typing.get_origin(tp) or tp), False
+
+
+def _typed(key: str, value: Any, *, from_text: bool) -> Any:
+    """Check (TOML) or parse (CLI text) a value against the field's type."""
+    _resolve(key)
+    tp, optional = _field_type(key)
+    if from_text:
+        text = value.strip()
+        if optional and text.lower() in ("none", "null"):
+            return None
+        try:
+            if tp is bool:
+                low = text.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if tp is list:
+                return [s.strip() for s in text.split(",") if s.strip()]
+            return tp(text)
+        except ValueError:
+            raise FP8LabError(f"{key}={value!r} is not a valid {tp.__name__}") from None
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+        or (tp is list and isinstance(value, list))
+    )
+    if not ok:
+        raise FP8LabError(f"{key}={value!r} has type {type(value).__name__}; expected {tp.__name__}")
+    return float(value) if tp is float else value
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--train.steps=40', '--precision.recipe', 'bf16'] -> {'train.steps': '40', ...}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise FP8LabError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise FP8LabError(f"{arg} needs a value: {arg}=VALUE")
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        _resolve(key)
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> JobConfig:
+    """Defaults, then the TOML file, then the `section.key -> text` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FP8LabError(f"config file {path} does not exist; pass -c with a path such as configs/demo.toml") from None
+        except tomllib.TOMLDecodeError as e:
+            raise FP8LabError(f"config file {path} is not valid TOML: {e}") from None
+    return config_from_dict(raw, origin=str(path) if path else "defaults", overrides=overrides)
+
+
+def config_from_dict(raw: dict[str, Any], *, origin: str, overrides: dict[str, str] | None = None) -> JobConfig:
+    """Build a JobConfig from TOML-shaped data (checked key by key) plus text overrides."""
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise _unknown(f"config section (in {origin})", section, list(SECTIONS))
+        if not isinstance(table, dict):
+            raise FP8LabError(f"{origin}: [{section}] must be a table of keys")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            try:
+                values[section][name] = _typed(key, value, from_text=False)
+            except FP8LabError as e:
+                raise FP8LabError(f"{origin}: {e}") from None
+    for key, text in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        values[section][name] = _typed(key, text, from_text=True)
+    return JobConfig(**{s: SECTIONS[s](**kw) for s, kw in values.items()})
+
+
+def describe_fields() -> str:
+    """Every key with its default, choices and documentation, for --help-config."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            extra = f" ({' | '.join(map(str, choices))})" if choices else ""
+            lines.append(f"  {section}.{f.name} = {default!r}{extra}\n      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""Packed token data: shard format, prepared datasets, the embedded corpus and the loader."""
+
+from fp8lab.data.corpus import (
+    BYTE_EOS_ID,
+    BYTE_VOCAB_SIZE,
+    byte_detokenize,
+    byte_tokenize,
+    default_cache_dir,
+    embedded_dataset,
+)
+from fp8lab.data.dataset import Dataset, DatasetExistsError, Split, open_dataset, write_dataset
+from fp8lab.data.loader import TokenLoader, eval_batches
+from fp8lab.data.shards import Shard, open_shard, sha256_file, write_shard
+
+__all__ = [
+    "BYTE_EOS_ID",
+    "BYTE_VOCAB_SIZE",
+    "Dataset",
+    "DatasetExistsError",
+    "Shard",
+    "Split",
+    "TokenLoader",
+    "byte_detokenize",
+    "byte_tokenize",
+    "default_cache_dir",
+    "embedded_dataset",
+    "eval_batches",
+    "open_dataset",
+    "open_shard",
+    "sha256_file",
+    "write_dataset",
+    "write_shard",
+]

@@ -1,0 +1,256 @@
+"""A prepared data directory: `manifest.json` plus one shard file per token array.
+
+The directory is built under a temporary sibling and renamed into place only when complete,
+so anything found at the final path with a manifest is a finished write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fp8lab.data.shards import Shard, fsync_dir, open_shard, sha256_file, write_shard
+from fp8lab.errors import FP8LabError
+
+MANIFEST = "manifest.json"
+DATASET_FORMAT = "fp8lab-tokens"
+DATASET_VERSION = 1
+_PREPARE_HINT = "run `fp8lab prepare` or check `data.path`"
+
+
+class DatasetExistsError(FP8LabError):
+    """The output directory of `write_dataset` already holds something."""
+
+
+class Split:
+    """The sequences of one split, in file order, across all of its shards."""
+
+    def __init__(self, *, name: str, path: Path, seq_len: int, vocab_size: int, shards: list[Shard]) -> None:
+        self.name = name
+        self.path = path
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.shards = tuple(shards)
+        # Plain ndarray views: indexing an np.memmap subclass costs extra Python on the hot path.
+        self._arrays = [s.tokens.view(np.ndarray) for s in shards]
+        counts = np.array([s.count for s in shards], dtype=np.int64)
+        self._ends = np.cumsum(counts)
+        self._starts = self._ends - counts
+        self._len = int(self._ends[-1]) if len(shards) else 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"Split(name={self.name!r}, sequences={self._len}, shards={len(self.shards)}, path={str(self.path)!r})"
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Windows at `indices` (global over the split) as a new (n, seq_len + 1) array."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._len):
+            raise IndexError(f"split {self.name!r} has {self._len} sequences; indices span [{idx.min()}, {idx.max()}]")
+        if len(self._arrays) == 1:
+            return self._arrays[0][idx]
+        dtype = self._arrays[0].dtype if self._arrays else np.uint16
+        out = np.empty((idx.size, self.seq_len + 1), dtype=dtype)
+        which = np.searchsorted(self._ends, idx, side="right")
+        for s in np.unique(which):
+            mask = which == s
+            out[mask] = self._arrays[s][idx[mask] - self._starts[s]]
+        return out
+
+
+@dataclass(eq=False)
+class Dataset:
+    """An opened, validated data directory."""
+
+    path: Path
+    seq_len: int
+    vocab_size: int
+    eos_id: int | None
+    tokenizer: dict
+    sources: list
+    splits: dict[str, Split] = field(repr=False)
+
+    def split(self, name: str) -> Split:
+        """The split called `name` (for example "train" or "val")."""
+        if name not in self.splits:
+            raise FP8LabError(
+                f"data {self.path} has no split {name!r}; available: {', '.join(sorted(self.splits)) or 'none'}"
+            )
+        return self.splits[name]
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    train: list[np.ndarray],
+    val: list[np.ndarray],
+    seq_len: int,
+    vocab_size: int,
+    eos_id: int | None,
+    tokenizer: dict,
+    sources: list,
+) -> Path:
+    """Write a data directory (one shard per array) atomically; return its path.
+
+    Raises DatasetExistsError when `out_dir` already holds anything, including when another
+    writer finished first while this one was writing.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DatasetExistsError(
+            f"output directory {out_dir} already exists and is not empty; remove it or choose another path"
+        )
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise FP8LabError(f"{out_dir}: seq_len must be a positive integer, got {seq_len!r}")
+    for split_name, arrays in (("train", train), ("val", val)):
+        for i, a in enumerate(arrays):
+            if isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[1] != seq_len + 1:
+                raise FP8LabError(
+                    f"{out_dir}: {split_name} array {i} has windows of {a.shape[1]} tokens, "
+                    f"expected seq_len + 1 = {seq_len + 1}"
+                )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Named by pid so a crashed writer's leftovers are recognisable and never mistaken for data.
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        splits = {}
+        for split_name, arrays in (("train", train), ("val", val)):
+            splits[split_name] = [
+                write_shard(tmp / f"{split_name}_{i:05d}.bin", a, vocab_size=vocab_size, eos_id=eos_id)
+                for i, a in enumerate(arrays)
+            ]
+        manifest = {
+            "format": DATASET_FORMAT,
+            "version": DATASET_VERSION,
+            "seq_len": seq_len,
+            "vocab_size": vocab_size,
+            "eos_id": eos_id,
+            "tokenizer": tokenizer,
+            "sources": sources,
+            "splits": splits,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, sort_keys=True, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        try:
+            # rename() replaces an empty directory but never a non-empty one: that is the race check.
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise DatasetExistsError(f"output directory {out_dir} was created by another writer meanwhile") from e
+            raise FP8LabError(f"could not move {tmp} to {out_dir}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out_dir.parent)
+    return out_dir
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise FP8LabError(f"data directory {path} not found: {_PREPARE_HINT}")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise FP8LabError(
+            f"data directory {path} has no {MANIFEST}: it is not a prepared (or completely written) data directory; "
+            f"{_PREPARE_HINT}"
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FP8LabError(f"{mpath} is not valid JSON ({e}); re-run `fp8lab prepare`") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FP8LabError(f"{mpath} has format {got!r}, expected {DATASET_FORMAT!r}; {_PREPARE_HINT}")
+    if manifest.get("version") != DATASET_VERSION:
+        raise FP8LabError(
+            f"{mpath} has version {manifest.get('version')!r}, this fp8lab reads {DATASET_VERSION}; "
+            "re-run `fp8lab prepare`"
+        )
+    for key, ok in (
+        ("seq_len", lambda v: type(v) is int and v >= 1),
+        ("vocab_size", lambda v: type(v) is int and v >= 1),
+        ("eos_id", lambda v: v is None or type(v) is int),
+        ("tokenizer", lambda v: isinstance(v, dict)),
+        ("splits", lambda v: isinstance(v, dict) and all(isinstance(s, list) for s in v.values())),
+    ):
+        if key not in manifest or not ok(manifest[key]):
+            raise FP8LabError(
+                f"{mpath}: key {key!r} is missing or invalid ({manifest.get(key)!r}); re-run `fp8lab prepare`"
+            )
+    return manifest
+
+
+def _open_entry(*, path: Path, manifest: dict, entry: object, verify: str) -> Shard:
+    mpath = path / MANIFEST
+    if not isinstance(entry, dict) or not all(k in entry for k in ("file", "sequences", "bytes", "sha256")):
+        raise FP8LabError(f"{mpath}: shard entry {entry!r} needs keys file, sequences, bytes, sha256")
+    name = entry["file"]
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise FP8LabError(f"{mpath}: shard file {name!r} must be a plain file name inside {path}")
+    shard = open_shard(path / name)
+    for what, got, want in (
+        ("seq_len", shard.seq_len, manifest["seq_len"]),
+        ("vocab_size", shard.vocab_size, manifest["vocab_size"]),
+        ("eos_id", shard.eos_id, manifest["eos_id"]),
+        ("sequence count", shard.count, entry["sequences"]),
+        ("size in bytes", shard.nbytes, entry["bytes"]),
+    ):
+        if got != want:
+            raise FP8LabError(
+                f"data shard {shard.path} does not match {mpath}: {what} is {got}, manifest says {want}; "
+                "the directory was modified; re-run `fp8lab prepare`"
+            )
+    if verify == "full":
+        digest = sha256_file(shard.path)
+        if digest != entry["sha256"]:
+            raise FP8LabError(
+                f"data shard {shard.path} changed: sha256 is {digest[:16]}..., "
+                f"{MANIFEST} says {str(entry['sha256'])[:16]}...; "
+                "the file is corrupt or was edited; re-run `fp8lab prepare`"
+            )
+    return shard
+
+
+def open_dataset(path: str | os.PathLike, *, verify: str = "size") -> Dataset:
+    """Open a data directory, checking every shard against the manifest.
+
+    verify="size" checks headers and file sizes (cheap); verify="full" also recomputes every sha256.
+    """
+    if verify not in ("size", "full"):
+        raise FP8LabError(f"verify must be 'size' or 'full', got {verify!r}")
+    path = Path(path)
+    manifest = _read_manifest(path)
+    splits = {
+        name: Split(
+            name=name,
+            path=path,
+            seq_len=manifest["seq_len"],
+            vocab_size=manifest["vocab_size"],
+            shards=[_open_entry(path=path, manifest=manifest, entry=e, verify=verify) for e in entries],
+        )
+        for name, entries in manifest["splits"].items()
+    }
+    return Dataset(
+        path=path,
+        seq_len=manifest["seq_len"],
+        vocab_size=manifest["vocab_size"],
+        eos_id=manifest["eos_id"],
+        tokenizer=manifest["tokenizer"],
+        sources=manifest.get("sources", []),
+        splits=splits,
+    )

@@ -1,0 +1,179 @@
+"""The on-disk packed token format: a 256-byte header, then a (count, seq_len + 1) token array.
+
+Each shard describes itself (like llm.c's .bin files), so a shard can be checked on its own
+without the manifest: the header says how to read the rest and how big the file must be.
+All integers are little-endian; token ids are uint16 when the vocabulary fits, else uint32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fp8lab.errors import FP8LabError
+
+HEADER_BYTES = 256
+MAGIC = b"FP8LTOK\x00"
+FORMAT_VERSION = 1
+NO_EOS = 0xFFFFFFFF
+# magic, version, itemsize, seq_len, count, vocab_size, eos_id; the rest of the 256 bytes is zero.
+_HEADER = struct.Struct("<8sIIIQII")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_MAX_VOCAB = 2**32 - 1  # ids must fit uint32 and stay distinct from NO_EOS
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One opened shard; `tokens` is a read-only memmap of shape (count, seq_len + 1)."""
+
+    path: Path
+    seq_len: int
+    count: int
+    vocab_size: int
+    eos_id: int | None
+    tokens: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_BYTES + self.tokens.nbytes
+
+
+def token_dtype(*, vocab_size: int) -> np.dtype:
+    """The narrowest on-disk dtype that holds every id below `vocab_size`."""
+    return _DTYPES[2] if vocab_size <= 65536 else _DTYPES[4]
+
+
+def shard_nbytes(*, count: int, seq_len: int, itemsize: int) -> int:
+    """Exact file size of a shard with these dimensions."""
+    return HEADER_BYTES + count * (seq_len + 1) * itemsize
+
+
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so big shards never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_vocab(*, path: Path, vocab_size: int, eos_id: int | None) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= _MAX_VOCAB:
+        raise FP8LabError(f"{path}: vocab_size must be an integer in [1, {_MAX_VOCAB}], got {vocab_size!r}")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size):
+        raise FP8LabError(f"{path}: eos_id must be None or an integer in [0, {vocab_size}), got {eos_id!r}")
+
+
+def _check_tokens(*, path: Path, tokens: object, vocab_size: int) -> np.ndarray:
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        desc = (
+            f"{tokens.dtype} array of shape {tokens.shape}" if isinstance(tokens, np.ndarray) else type(tokens).__name__
+        )
+        raise FP8LabError(f"{path}: tokens must be a 2-D integer array (sequences, seq_len + 1), got {desc}")
+    if tokens.shape[1] < 2:
+        raise FP8LabError(f"{path}: each window needs at least 2 tokens (seq_len >= 1), got shape {tokens.shape}")
+    if tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise FP8LabError(
+                f"{path}: token id {bad} is outside [0, {vocab_size}); "
+                "fix the tokenizer output or the vocab_size passed with it"
+            )
+    return np.ascontiguousarray(tokens, dtype=token_dtype(vocab_size=vocab_size))
+
+
+def fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems refuse to open directories, which is fine.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, *, vocab_size: int, eos_id: int | None) -> dict:
+    """Write `tokens` (sequences, seq_len + 1) as a shard, atomically; return its manifest entry."""
+    path = Path(path)
+    _check_vocab(path=path, vocab_size=vocab_size, eos_id=eos_id)
+    data = _check_tokens(path=path, tokens=tokens, vocab_size=vocab_size)
+    count, window = data.shape
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, data.itemsize, window - 1, count, vocab_size, NO_EOS if eos_id is None else eos_id
+    ).ljust(HEADER_BYTES, b"\x00")
+    payload = data.reshape(-1).view(np.uint8)
+    digest = hashlib.sha256(header)
+    digest.update(payload)
+
+    tmp = Path(f"{path}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FP8LabError(f"could not write shard {path}: {e.strerror or e}; check the directory is writable") from e
+    fsync_dir(path.parent)
+    return {"file": path.name, "sequences": count, "bytes": len(header) + payload.size, "sha256": digest.hexdigest()}
+
+
+def open_shard(path: str | os.PathLike) -> Shard:
+    """Open and validate a shard; the tokens are memory-mapped read-only, not loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FP8LabError(f"data shard {path} not found: run `fp8lab prepare` or check `data.path`")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise FP8LabError(
+            f"data shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
+            "the file is truncated; re-run `fp8lab prepare`"
+        )
+    magic, version, itemsize, seq_len, count, vocab_size, eos = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise FP8LabError(
+            f"{path} is not an fp8lab token shard (magic {magic!r}, expected {MAGIC!r}); "
+            "point `data.path` at a directory made by `fp8lab prepare`"
+        )
+    if version != FORMAT_VERSION:
+        raise FP8LabError(
+            f"data shard {path} has format version {version}, this fp8lab reads version {FORMAT_VERSION}; "
+            "re-run `fp8lab prepare` with this version"
+        )
+    if itemsize not in _DTYPES:
+        raise FP8LabError(f"data shard {path} has token itemsize {itemsize}, expected 2 or 4: the header is corrupt")
+    if seq_len < 1 or vocab_size < 1 or (eos != NO_EOS and eos >= vocab_size):
+        raise FP8LabError(
+            f"data shard {path} has an inconsistent header (seq_len={seq_len}, vocab_size={vocab_size}, "
+            f"eos_id={eos}); re-run `fp8lab prepare`"
+        )
+    expected = shard_nbytes(count=count, seq_len=seq_len, itemsize=itemsize)
+    if size != expected:
+        what = "truncated" if size < expected else "has extra bytes"
+        raise FP8LabError(
+            f"data shard {path} {what}: it is {size} bytes but its header ({count} x {seq_len + 1} tokens of "
+            f"{itemsize} bytes) needs {expected}; re-run `fp8lab prepare`"
+        )
+    tokens = np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count, seq_len + 1))
+    return Shard(
+        path=path,
+        seq_len=seq_len,
+        count=count,
+        vocab_size=vocab_size,
+        eos_id=None if eos == NO_EOS else eos,
+        tokens=tokens,
+    )

@@ -1,0 +1,56 @@
+"""The recipe registry: a name per precision recipe, what TorchAO config it maps to, and
+what hardware it needs. Pure data, no TorchAO import, so the CLI and config can list and
+validate recipes without paying for the import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fp8lab.errors import FP8LabError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str  # "none" (no conversion), "float8" (Float8Linear) or "mxfp8" (MX weight subclass)
+    torchao_recipe: str | None  # Float8LinearRecipeName / MXFP8TrainingRecipe value
+    min_capability: tuple[int, int] | None  # CUDA compute capability for the real kernels
+    dim_multiple: int  # in/out features must be multiples of this to convert
+    summary: str
+
+    @property
+    def is_low_precision(self) -> bool:
+        return self.kind != "none"
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("bf16", "none", None, None, 1,
+               "BF16 autocast, fp32 master weights: the production baseline"),
+        # Per-tensor dynamic scales; one cuBLAS FP8 GEMM per matmul. Fastest on H100-class
+        # GPUs for large GEMMs and the only one FSDP2 float8 all-gather supports.
+        Recipe("fp8-tensorwise", "float8", "tensorwise", (8, 9), 16,
+               "FP8 e4m3 fwd / e5m2 grads, one scale per tensor (fastest)"),
+        # One scale per row: an outlier only costs its own row's resolution. Scales are
+        # rounded to powers of two; uses the CUTLASS rowwise kernel.
+        Recipe("fp8-rowwise", "float8", "rowwise", (8, 9), 16,
+               "FP8 e4m3 everywhere, one scale per row (more robust to outliers)"),
+        # Rowwise for output and grad_input, but grad_weight in high precision: the most
+        # accurate float8 recipe, at the cost of one of three GEMMs.
+        Recipe("fp8-rowwise-gw-hp", "float8", "rowwise_with_gw_hp", (8, 9), 16,
+               "rowwise FP8 with the weight-gradient GEMM kept in high precision (most accurate)"),
+        # OCP microscaling: e8m0 scale per 32 elements along K; needs Blackwell tensor cores.
+        Recipe("mxfp8", "mxfp8", "mxfp8_rceil", (10, 0), 32,
+               "MXFP8, one power-of-two scale per 32 elements (Blackwell)"),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`; an unknown name is an error listing the known ones."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise FP8LabError(f"unknown precision recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None

@@ -1,0 +1,135 @@
+"""Turn a JobConfig into the pieces a run needs: device, data, model, precision, optimizer.
+
+Order matters and is the same for every recipe: the model is built and initialised in
+fp32 from `train.seed` *before* conversion, so every recipe starts from identical weights;
+conversion happens before the optimizer is built (it must see the final parameters) and
+before compile (which must trace the converted modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fp8lab.config import JobConfig
+from fp8lab.data import TokenLoader, embedded_dataset, eval_batches, open_dataset
+from fp8lab.errors import FP8LabError
+from fp8lab.models import ModelArgs, Transformer, flops_per_token, preset_args
+from fp8lab.precision import ConversionReport, convert, get_recipe
+from fp8lab.precision.capability import device_name
+from fp8lab.train.optim import build_optimizer
+from fp8lab.train.rng import seed_everything
+
+CPU_FP8_FP32_NOTE = (
+    "FP8 recipes on CPU compute in fp32 (no bf16 autocast): TorchAO's Float8Linear follows "
+    "the CUDA autocast dtype, and emulated rowwise_with_gw_hp fails under CPU bf16 autocast"
+)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FP8LabError("train.device=cuda but torch sees no CUDA GPU; use --train.device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_compute_dtype(setting: str, *, low_precision: bool, device: torch.device) -> torch.dtype:
+    """bf16 autocast is the baseline; FP8 on CPU computes in fp32 (see CPU_FP8_FP32_NOTE)."""
+    if device.type == "cpu" and low_precision:
+        if setting == "bf16":
+            raise FP8LabError("precision.compute_dtype=bf16 with an FP8 recipe is not supported on CPU "
+                              "(TorchAO's emulation fails under CPU bf16 autocast); use auto or fp32")
+        return torch.float32
+    if setting == "fp32":
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FP8LabError(f"{device_name(device)} does not support bf16; use --precision.compute_dtype=fp32")
+    return torch.bfloat16
+
+
+def open_data(cfg: JobConfig):
+    path = cfg.data.path
+    if path == "embedded":
+        path = embedded_dataset(seq_len=cfg.data.seq_len, byte_budget=cfg.data.embedded_bytes)
+    ds = open_dataset(Path(path), verify=cfg.data.verify)
+    if ds.seq_len != cfg.data.seq_len:
+        raise FP8LabError(f"data.seq_len={cfg.data.seq_len} but {ds.path} was prepared with seq_len {ds.seq_len}; "
+                          f"set --data.seq_len={ds.seq_len} or prepare the data again")
+    return ds
+
+
+def model_args_for(cfg: JobConfig, data_vocab: int) -> ModelArgs:
+    m = cfg.model
+    vocab = m.vocab_size or -(-data_vocab // 64) * 64
+    if vocab < data_vocab:
+        raise FP8LabError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab}); "
+                          "raise it or set 0 to follow the data")
+    args = preset_args(m.preset, vocab_size=vocab, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
+                       n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim, tie_embeddings=m.tie_embeddings)
+    # RoPE has no learned positions: the table just has to cover the sequence.
+    return dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.data.seq_len))
+
+
+@dataclass
+class Built:
+    device: torch.device
+    model: nn.Module  # converted, not compiled: its parameter names are the checkpoint's
+    forward: Callable  # the compiled model where compile is on, else `model`
+    optimizer: torch.optim.Optimizer
+    report: ConversionReport
+    compute_dtype: torch.dtype
+    model_args: ModelArgs
+    dataset: object
+    loader: TokenLoader
+    eval_batches: list
+    flops_per_token: float
+    compiled: bool
+    notes: list[str]
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+
+def build(cfg: JobConfig) -> Built:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    recipe = get_recipe(cfg.precision.recipe)
+    notes: list[str] = []
+    compute_dtype = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,
+                                          device=device)
+    if device.type == "cpu" and recipe.is_low_precision:
+        notes.append(CPU_FP8_FP32_NOTE)
+
+    ds = open_data(cfg)
+    args = model_args_for(cfg, ds.vocab_size)
+    loader = TokenLoader(ds.split("train"), batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed,
+                         vocab_size=args.vocab_size)
+    held_out = eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size, num_batches=cfg.train.eval_batches)
+
+    seed_everything(cfg.train.seed)
+    with torch.device(device):
+        model = Transformer(args)
+    report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
+                     skip_modules=cfg.precision.skip_modules, filter_mode=cfg.precision.filter_mode)
+    if report.emulated:
+        from fp8lab.precision import EMULATION_NOTE
+
+        notes.append(EMULATION_NOTE)
+    optimizer = build_optimizer(model, cfg.optim, device=device)
+    compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    return Built(device=device, model=model, forward=forward, optimizer=optimizer, report=report,
+                 compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
+                 flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes)

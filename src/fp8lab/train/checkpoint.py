@@ -1,0 +1,204 @@
+"""Checkpoints: RUN/checkpoints/step-N/{dcp/, state.json, COMPLETE}.
+
+- `dcp/` is a torch.distributed.checkpoint folder of plain fp32 tensors named as in the
+  model *before* conversion and compile ("model.<fqn>", "optim.state.<fqn>.<key>"), so a
+  checkpoint written under one recipe loads under any other, into a plain model with
+  `dcp.load({"model": model.state_dict()})`, and later into sharded models.
+- `state.json` holds everything else (step, RNG, data position, recipe): JSON, never pickle.
+- `COMPLETE` is written last, inside a temporary folder that is renamed into place, so a
+  crash mid-write never leaves a folder that looks complete.
+
+Nothing we load can run code: DCP (torch 2.13) reads `.metadata` with plain pickle.load,
+so `SafeFileSystemReader` reads it through an unpickler that admits only DCP's metadata
+classes; and we store no byte payloads, which DCP would load with
+torch.load(weights_only=False). Tensor payloads are read with weights_only=True by DCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+from fp8lab.errors import FP8LabError
+from fp8lab.precision.convert import to_plain
+from fp8lab.train.optim import init_optimizer_state
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# (module, name) pairs a DCP .metadata pickle may reference; anything else is refused.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+              "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata pickle can only build DCP metadata objects."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def newest_complete(run_dir: Path) -> tuple[int, Path] | None:
+    found = list_complete(run_dir)
+    return found[-1] if found else None
+
+
+def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """Flat {name: plain tensor sharing storage with the live one}: saving reads them,
+    loading writes into them in place."""
+    names = {}
+    out: dict[str, torch.Tensor] = {}
+    for fqn, p in model.named_parameters():  # a tied weight appears once, under its first name
+        names[id(p)] = fqn
+        out[f"model.{fqn}"] = to_plain(p)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state[p].items():
+                    out[f"optim.state.{names[id(p)]}.{key}"] = to_plain(value)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns on every call that it "assumes the intent is to save in a single process":
+    # that is our intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int) -> Path:
+    """Write step-N atomically, then keep only the newest `keep` complete checkpoints."""
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f"step-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with _quiet_single_process():
+        dcp.save(tensor_state(model, optimizer), storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
+    _write_file(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+    _fsync_dir(tmp / "dcp")
+    _write_file(tmp / MARKER, f"{step}\n")
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace
+        old = root / f"step-{step}.old-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(run_dir, keep=keep)
+    return final
+
+
+def prune(run_dir: Path, *, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep`; the newest always stays."""
+    found = list_complete(run_dir)
+    for _, path in found[: max(len(found) - max(keep, 1), 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; a missing marker or unreadable JSON is an FP8LabError."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise FP8LabError(f"checkpoint {path} is incomplete (no {MARKER} marker); it was interrupted while being written")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FP8LabError(f"checkpoint {path}: state.json is unreadable ({e})") from None
+
+
+def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load the checkpoint's tensors in place into `model` (and `optimizer`'s state)."""
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+    targets = tensor_state(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.load(targets, storage_reader=SafeFileSystemReader(Path(path) / "dcp"), no_dist=_no_dist())
+    except (CheckpointException, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as e:
+        # CheckpointException derives from BaseException: `except Exception` would miss it.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FP8LabError(f"checkpoint {path} could not be loaded: {first[:300]}") from None

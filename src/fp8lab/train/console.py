@@ -1,0 +1,75 @@
+"""What the user sees while a run trains: a header, a progress bar with ETA (on a
+terminal) or a line every N steps (in logs), loud notes, and a closing table."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def setup_logging() -> None:
+    """Route the `fp8lab` logger (e.g. the emulation warning from convert()) to the console."""
+    log = logging.getLogger("fp8lab")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=console, show_time=False, show_path=False))
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class TrainProgress:
+    def __init__(self, *, total: int, start: int, mode: str, log_interval: int):
+        self.log_interval = log_interval
+        self.bar = None
+        if mode == "on" or (mode == "auto" and console.is_terminal):
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, rec: dict) -> None:
+        info = (f"loss {_fmt(rec['loss'], '.4f')}  lr {rec['lr']:.2e}  "
+                f"{_fmt(rec['tokens_per_s'], ',.0f')} tok/s")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], info=info)
+        elif rec["step"] % self.log_interval == 0 or "eval_loss" in rec:
+            extra = f"  eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
+            console.print(f"step {rec['step']:>6}  {info}  mfu {_fmt(rec['mfu'], '.1%')}{extra}")
+
+    def note(self, text: str, style: str = "yellow") -> None:
+        console.print(f"[{style}]{text}[/]")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def summary_table(summaries: list[dict], *, title: str = "fp8lab runs") -> Table:
+    """One row per run: the figures a BF16-vs-FP8 decision starts from."""
+    t = Table(title=title)
+    for col in ("run", "recipe", "steps", "train loss", "eval loss", "tok/s (median)", "vs first", "peak mem GB",
+                "converted"):
+        t.add_column(col, justify="right" if col not in ("run", "recipe") else "left")
+    base = summaries[0].get("tokens_per_s_median") if summaries else None
+    for s in summaries:
+        tps = s.get("tokens_per_s_median")
+        ratio = f"{tps / base:.2f}x" if tps and base else "-"
+        t.add_row(
+            s.get("run_dir", "-"), s["recipe"] + (" (emulated)" if s.get("emulated") else ""), str(s["steps"]),
+            _fmt(s.get("final_train_loss"), ".4f"), _fmt(s.get("final_eval_loss"), ".4f"),
+            _fmt(tps, ",.0f"), ratio, _fmt(s.get("mem_peak_gb"), ".2f"),
+            str(s["conversion"]["num_converted"]),
+        )
+    return t

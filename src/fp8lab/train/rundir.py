@@ -1,0 +1,109 @@
+"""The run directory: what it holds, and the rules for resuming into it.
+
+RUN/config.toml      the resolved config (written at start, updated on resume)
+RUN/metrics.jsonl    one JSON object per optimizer step
+RUN/events.jsonl     things a user must hear about (skipped steps, recipe overrides, resumes)
+RUN/checkpoints/     see checkpoint.py
+RUN/summary.json     written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fp8lab.config import JobConfig, config_from_dict
+from fp8lab.errors import FP8LabError
+from fp8lab.train.checkpoint import newest_complete, read_state
+
+# Keys that may change when a run is resumed: how long, how often to log, evaluate and
+# save, and the fault drills (debug.*), which exist to be switched on for one attempt.
+# Anything else changes what is being trained, so it is a different run.
+RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep", "logging.",
+                      "debug.")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_saved(path: Path) -> JobConfig:
+    try:
+        return config_from_dict(tomllib.loads(path.read_text()), origin=str(path))
+    except tomllib.TOMLDecodeError as e:
+        raise FP8LabError(f"{path} is not valid TOML ({e}); this run directory is damaged") from None
+
+
+def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
+    """Create a new run, or check that `cfg` may resume the run already in `run_dir`.
+
+    Returns the config to run with, the checkpoint to resume from (if any), and messages
+    for the console. A run directory holding something else is refused before anything
+    in it is touched.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FP8LabError(f"run directory {run_dir} is not empty and holds no fp8lab run (no config.toml); "
+                              "choose a new --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(config_path, cfg.to_toml())
+        return cfg, None, []
+
+    saved = _load_saved(config_path)
+    newest = newest_complete(run_dir)
+    messages = []
+    if newest is not None:
+        ckpt_recipe = read_state(newest[1]).get("recipe", saved.precision.recipe)
+        if cfg.precision.recipe != ckpt_recipe:
+            messages.append(f"precision.recipe={cfg.precision.recipe} ignored: the checkpoint at step "
+                            f"{newest[0]} was trained with {ckpt_recipe}, which wins on resume")
+        cfg.precision.recipe = ckpt_recipe
+        saved.precision.recipe = ckpt_recipe
+    now, before = cfg.flat(), saved.flat()
+    changed = [k for k in now if now[k] != before[k]]
+    refused = [k for k in changed if not k.startswith(RESUMABLE_PREFIXES)]
+    if refused:
+        diffs = "; ".join(f"{k}: run has {before[k]!r}, command gives {now[k]!r}" for k in refused)
+        raise FP8LabError(f"run directory {run_dir} holds a different run ({diffs}); "
+                          "resume with the run's settings or choose a new --run-dir")
+    if changed:
+        messages.append("resume changes " + ", ".join(f"{k}={now[k]!r}" for k in changed))
+    atomic_write(config_path, cfg.to_toml())
+    return cfg, newest, messages
+
+
+class JsonlWriter:
+    """Append-only JSON lines, flushed per record so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path, *, keep_through_step: int | None):
+        """keep_through_step: on resume, records after the checkpoint's step are dropped
+        (that progress was lost and will be logged again); None starts the file afresh."""
+        self.path = Path(path)
+        kept: list[str] = []
+        if keep_through_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_through_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is suspect
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

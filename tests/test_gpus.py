@@ -1,0 +1,133 @@
+"""The GPU peak table: complete, sourced, internally sane, and found from real device names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fp8lab.bench.gpus import GPUS, GPUSpec, bf16_peak_tflops, get_gpu, lookup_gpu
+from fp8lab.errors import FP8LabError
+
+NUMERIC = ("bf16_dense_tflops", "fp8_fp32acc_tflops", "fp8_fp16acc_tflops", "mxfp8_tflops",
+           "mem_bandwidth_gbs", "mem_gb")
+EXPECTED_IDS = {"rtx4090", "rtx5090", "a100", "h100-sxm", "h100-pcie", "h200", "b200", "gb200",
+                "mi300x"}
+
+
+def test_ids():
+    assert set(GPUS) == EXPECTED_IDS
+
+
+@pytest.mark.parametrize("gpu_id", sorted(EXPECTED_IDS))
+def test_entry_complete_and_sourced(gpu_id):
+    spec = GPUS[gpu_id]
+    assert spec.name and spec.aliases
+    assert spec.bf16_dense_tflops > 0 and spec.mem_bandwidth_gbs > 0 and spec.mem_gb > 0
+    for f in NUMERIC:
+        value = getattr(spec, f)
+        if value is not None:
+            assert value > 0, f
+            assert spec.sources.get(f, "").strip(), f"{gpu_id}.{f} has no source"
+    # sources only name real fields, and every alternative carries a value and a source
+    names = {f.name for f in dataclasses.fields(GPUSpec)}
+    assert set(spec.sources) <= names
+    for f, (value, src) in spec.alternatives.items():
+        assert f in NUMERIC and value > 0 and src.strip()
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GPUS["a100"].bf16_dense_tflops = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("gpu_id", sorted(EXPECTED_IDS))
+def test_sane(gpu_id):
+    spec = GPUS[gpu_id]
+    if spec.fp8_fp32acc_tflops is not None:
+        assert spec.fp8_fp32acc_tflops >= spec.bf16_dense_tflops
+    if spec.fp8_fp16acc_tflops is not None:
+        assert spec.fp8_fp32acc_tflops is not None
+        assert spec.fp8_fp16acc_tflops > spec.fp8_fp32acc_tflops
+    blackwell = spec.compute_capability is not None and spec.compute_capability >= (10, 0)
+    if not blackwell:
+        assert spec.mxfp8_tflops is None
+    else:
+        assert spec.mxfp8_tflops is not None and spec.mxfp8_tflops >= spec.bf16_dense_tflops
+
+
+def test_reference_points():
+    assert GPUS["a100"].bf16_dense_tflops == 312.0
+    assert GPUS["a100"].fp8_fp32acc_tflops is None
+    assert GPUS["h100-sxm"].bf16_dense_tflops == 989.4
+    assert GPUS["h100-sxm"].fp8_fp32acc_tflops == 1978.9
+    assert GPUS["rtx4090"].bf16_dense_tflops == 165.2
+    assert GPUS["rtx4090"].fp8_fp32acc_tflops == 330.3
+    # GeForce FP32 accumulate is half the FP16-accumulate rate
+    for gid in ("rtx4090", "rtx5090"):
+        s = GPUS[gid]
+        assert s.fp8_fp16acc_tflops == pytest.approx(2 * s.fp8_fp32acc_tflops)
+    # the 5090 keeps the whitepaper figure and records the measured one beside it
+    s = GPUS["rtx5090"]
+    assert s.bf16_dense_tflops == 209.5
+    assert s.alternatives["bf16_dense_tflops"][0] > s.bf16_dense_tflops
+    assert s.alternatives["mxfp8_tflops"][0] > s.alternatives["fp8_fp32acc_tflops"][0]
+
+
+@pytest.mark.parametrize(
+    "device_name,gpu_id",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H100 SXM5 80GB", "h100-sxm"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA GeForce RTX 5090", "rtx5090"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA GB200", "gb200"),
+        ("AMD Instinct MI300X", "mi300x"),
+        ("h100-sxm", "h100-sxm"),
+        ("H100-PCIE", "h100-pcie"),
+        ("MI300X", "mi300x"),
+        ("  nvidia h200  ", "h200"),
+    ],
+)
+def test_lookup(device_name, gpu_id):
+    assert lookup_gpu(device_name) is GPUS[gpu_id]
+
+
+@pytest.mark.parametrize(
+    "device_name",
+    [
+        "", "cpu", "NVIDIA GeForce RTX 3090", "NVIDIA H100 NVL", "NVIDIA H200 NVL",
+        "NVIDIA GH200 480GB", "NVIDIA GeForce RTX 5090 D", "NVIDIA GeForce RTX 4090 Laptop GPU",
+        "NVIDIA A100-PCIE-40GB", "AMD Instinct MI300A", "NVIDIA B300", "Tesla V100-SXM2-16GB",
+    ],
+)
+def test_lookup_unknown(device_name):
+    assert lookup_gpu(device_name) is None
+    assert bf16_peak_tflops(device_name) is None
+
+
+def test_h200_is_not_h100_and_gb200_is_not_b200():
+    assert lookup_gpu("NVIDIA H200").bf16_dense_tflops == 989.4
+    assert lookup_gpu("NVIDIA H200").mem_gb == 141.0
+    assert lookup_gpu("NVIDIA GB200") is not GPUS["b200"]
+
+
+def test_get_gpu():
+    assert get_gpu("b200") is GPUS["b200"]
+    assert get_gpu("NVIDIA H100 80GB HBM3") is GPUS["h100-sxm"]
+    with pytest.raises(FP8LabError) as e:
+        get_gpu("tpu-v5")
+    msg = str(e.value)
+    assert "tpu-v5" in msg and "\n" not in msg
+    for gpu_id in EXPECTED_IDS:
+        assert gpu_id in msg
+
+
+def test_bf16_peak():
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bf16_peak_tflops("NVIDIA GeForce RTX 5090") == 209.5
