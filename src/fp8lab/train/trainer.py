@@ -196,6 +196,8 @@ class Trainer:
                 last = time.perf_counter()  # eval and checkpoint time is not step time
                 if step == cfg.debug.stop_at_step:
                     self.event("stop", f"debug.stop_at_step={step}: stopping as if interrupted")
+                    self.metrics.close()
+                    self.events.close()
                     return {"stopped_at": step}
         finally:
             progress.close()
