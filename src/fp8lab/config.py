@@ -91,6 +91,9 @@ class TrainConfig:
     eval_batches: int = opt(4, "held-out micro-batches per evaluation (the same ones for every run)")
     device: str = opt("auto", "where to train; auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "torch CPU threads (0: torch's default); fix it for bitwise-repeatable CPU runs")
+    deterministic: str = opt("auto", "torch deterministic algorithms: auto = on for CPU (cheap there, and "
+                                     "compiled embedding backward is otherwise run-to-run different), off "
+                                     "for CUDA (slower kernels)", choices=("auto", "on", "off"))
 
     def __post_init__(self):
         _check_choices(self, "train")

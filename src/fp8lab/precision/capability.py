@@ -7,6 +7,7 @@ error everywhere else.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -78,28 +79,35 @@ def resolve_emulation(recipe: Recipe, device: torch.device, emulate: str) -> boo
     if device.type != "cuda":
         raise FP8LabError(f"precision.recipe={recipe.name} is not supported on device type {device.type!r}")
 
-    name, cc = device_name(device), capability(device)
+    name = device_name(device)
     if torch.version.hip:
         if recipe.kind == "float8" and _rocm_fp8(device):
             return False
-        raise FP8LabError(
-            f"precision.recipe={recipe.name} is not supported on {name} (ROCm); "
-            "use --precision.recipe=bf16, or --precision.emulate=on to run it emulated (slow)"
-        )
+        raise FP8LabError(f"precision.recipe={recipe.name} is not supported on {name} (ROCm); {_FIX}")
+    check_cuda_capability(recipe, name=name, cc=capability(device),
+                          probe=lambda: _probe(recipe.name, device.index or 0))
+    return False
+
+
+_FIX = "use --precision.recipe=bf16, or --precision.emulate=on to run it emulated (slow)"
+
+
+def check_cuda_capability(recipe: Recipe, *, name: str, cc: tuple[int, int], probe: Callable[[], str | None]) -> None:
+    """Raise FP8LabError unless an NVIDIA GPU `name` with compute capability `cc` runs
+    `recipe` natively. `probe()` runs the real kernel (None = it works) where the
+    capability number alone does not settle it."""
     need = recipe.min_capability
-    fix = "use --precision.recipe=bf16, or --precision.emulate=on to run it emulated (slow)"
     if recipe.kind == "mxfp8":
         if cc[0] == 10:  # sm_100 family: B200, GB200
-            return False
+            return
         if cc[0] == 12:  # sm_12x (RTX 50xx): only if the kernel runs here
-            err = _probe(recipe.name, device.index or 0)
+            err = probe()
             if err is None:
-                return False
+                return
             raise FP8LabError(f"precision.recipe=mxfp8 failed its kernel probe on {name} "
-                              f"(compute capability {cc[0]}.{cc[1]}): {err}; {fix}")
-        raise FP8LabError(f"precision.recipe=mxfp8 needs compute capability 10.0 (Blackwell); "
-                          f"{name} has {cc[0]}.{cc[1]}; {fix}")
-    if cc < need:
+                              f"(compute capability {cc[0]}.{cc[1]}): {err}; {_FIX}")
+        raise FP8LabError(f"precision.recipe=mxfp8 needs compute capability 10.0 (B200/GB200) or a passing probe "
+                          f"on 12.x; {name} has {cc[0]}.{cc[1]}; {_FIX}")
+    if tuple(cc) < need:
         raise FP8LabError(f"precision.recipe={recipe.name} needs compute capability >= {need[0]}.{need[1]} "
-                          f"(FP8 tensor cores: Ada, Hopper, Blackwell); {name} has {cc[0]}.{cc[1]}; {fix}")
-    return False
+                          f"(FP8 tensor cores: Ada, Hopper, Blackwell); {name} has {cc[0]}.{cc[1]}; {_FIX}")

@@ -105,6 +105,10 @@ def build(cfg: JobConfig) -> Built:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    # Inductor lowers the embedding backward to atomic adds unless deterministic
+    # algorithms are on: without it a compiled CPU run differs from itself by ~1e-8.
+    deterministic = cfg.train.deterministic == "on" or (cfg.train.deterministic == "auto" and device.type == "cpu")
+    torch.use_deterministic_algorithms(deterministic)
     recipe = get_recipe(cfg.precision.recipe)
     notes: list[str] = []
     compute_dtype = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,

@@ -202,3 +202,9 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
         # CheckpointException derives from BaseException: `except Exception` would miss it.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FP8LabError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model weights of a checkpoint into `model` (plain or converted, any
+    recipe): what evaluation, export and fine-tuning start from."""
+    load_tensors(path, model=model, optimizer=None)
