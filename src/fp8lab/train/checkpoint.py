@@ -190,18 +190,32 @@ def read_state(path: Path) -> dict:
         raise FP8LabError(f"checkpoint {path}: state.json is unreadable ({e})") from None
 
 
+def _cause(e: BaseException) -> str:
+    """One line naming the real failure inside DCP's wrapper exception."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:300]}"
+
+
 def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load the checkpoint's tensors in place into `model` (and `optimizer`'s state)."""
+    reader = SafeFileSystemReader(Path(path) / "dcp")
+    try:
+        # Read the metadata ourselves first: DCP would swallow a refused pickle and retry
+        # a per-rank file, hiding the reason.
+        reader.read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise FP8LabError(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)})") from None
     if optimizer is not None:
         init_optimizer_state(optimizer)
     targets = tensor_state(model, optimizer)
     try:
         with _quiet_single_process():
-            dcp.load(targets, storage_reader=SafeFileSystemReader(Path(path) / "dcp"), no_dist=_no_dist())
-    except (CheckpointException, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as e:
+            dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         # CheckpointException derives from BaseException: `except Exception` would miss it.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FP8LabError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
+        raise FP8LabError(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

@@ -1,0 +1,116 @@
+"""The checkpoint format: layout, atomicity, retention, and that loading cannot run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from conftest import tiny_config
+from fp8lab.errors import FP8LabError
+from fp8lab.models import Transformer
+from fp8lab.train.build import build
+from fp8lab.train.checkpoint import (
+    MARKER, SafeFileSystemReader, list_complete, load_model_weights, newest_complete, prune, read_state,
+)
+from fp8lab.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt-run")
+    train(tiny_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
+                                    "precision.recipe": "fp8-rowwise"}), path)
+    return path
+
+
+def test_layout_and_retention(run):
+    steps = [s for s, _ in list_complete(run)]
+    assert steps == [3, 4]  # keep=2
+    ckpt = run / "checkpoints" / "step-4"
+    assert sorted(p.name for p in ckpt.iterdir()) == [MARKER, "dcp", "state.json"]
+    state = read_state(ckpt)
+    assert state["step"] == 4 and state["recipe"] == "fp8-rowwise"
+    assert set(state) >= {"rng", "data", "model_args", "tokens"}
+    assert state["data"] == {"epoch": 0, "position": 4}
+    json.dumps(state)  # plain JSON all the way down
+
+
+def test_plain_names_load_with_stock_dcp_into_a_plain_model(run, tiny_data):
+    """Names are the unconverted model's: torch's own dcp.load fills a plain model."""
+    b = build(tiny_config(tiny_data))
+    plain = Transformer(b.model_args)
+    sd = plain.state_dict()
+    dcp.load({"model": sd}, storage_reader=SafeFileSystemReader(run / "checkpoints" / "step-4" / "dcp"), no_dist=True)
+    ours = Transformer(b.model_args)
+    load_model_weights(run / "checkpoints" / "step-4", ours)
+    assert all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
+    torch.manual_seed(0)  # train.seed: the run's initial weights
+    init = Transformer(b.model_args).state_dict()
+    assert not torch.equal(sd["layers.0.attention.wq.weight"], init["layers.0.attention.wq.weight"])  # trained
+
+
+def test_incomplete_and_temporary_folders_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-5").mkdir(parents=True)  # no marker: interrupted
+    (root / "step-6.tmp-123").mkdir()
+    (root / "step-2").mkdir()
+    (root / "step-2" / MARKER).write_text("2\n")
+    assert newest_complete(tmp_path) == (2, root / "step-2")
+    with pytest.raises(FP8LabError, match="incomplete"):
+        read_state(root / "step-5")
+
+
+def test_prune_never_deletes_the_newest(tmp_path):
+    for s in (1, 2, 3):
+        d = tmp_path / "checkpoints" / f"step-{s}"
+        d.mkdir(parents=True)
+        (d / MARKER).write_text(f"{s}\n")
+    prune(tmp_path, keep=0)
+    assert [s for s, _ in list_complete(tmp_path)] == [3]
+
+
+def test_metadata_that_would_run_code_is_refused(run, tmp_path):
+    """A .metadata pickle that calls os.system must not execute on load."""
+    import shutil
+
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(run / "checkpoints" / "step-4", ckpt)
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    model = Transformer(read_args(run))
+    with pytest.raises(FP8LabError, match="posix.system|os.system|not allowed"):
+        load_model_weights(ckpt, model)
+    assert not canary.exists()
+
+
+def read_args(run):
+    from fp8lab.models import ModelArgs
+
+    return ModelArgs(**read_state(run / "checkpoints" / "step-4")["model_args"])
+
+
+def test_shape_mismatch_is_a_clear_error(run):
+    import dataclasses
+
+    args = dataclasses.replace(read_args(run), ffn_dim=256)
+    with pytest.raises(FP8LabError, match="could not be loaded"):
+        load_model_weights(run / "checkpoints" / "step-4", Transformer(args))
+
+
+def test_missing_tensor_is_a_clear_error_not_a_base_exception(run):
+    """DCP raises CheckpointException (a BaseException); it must surface as FP8LabError."""
+    import dataclasses
+
+    args = dataclasses.replace(read_args(run), n_layers=3)  # layers.2.* are not in the checkpoint
+    with pytest.raises(FP8LabError, match="could not be loaded"):
+        load_model_weights(run / "checkpoints" / "step-4", Transformer(args))
