@@ -65,9 +65,6 @@ def test_non_empty_dir_without_a_run_is_refused_untouched(tmp_path, data):
     assert tree_digest(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: prepare_run_dir on a path that is a regular file calls "
-                                       "iterdir() on it: NotADirectoryError (CLI traceback, exit 1), "
-                                       "not FP8LabError")
 def test_run_dir_that_is_a_file_is_a_clear_error(tmp_path, data):
     path = tmp_path / "file"
     path.write_text("x")
@@ -76,10 +73,6 @@ def test_run_dir_that_is_a_file_is_a_clear_error(tmp_path, data):
     assert path.read_text() == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: Trainer writes config.toml (prepare_run_dir) before build() "
-                                       "validates the data/device/recipe, so a start that fails on bad input "
-                                       "leaves a 'run' behind, and the corrected command is then refused as a "
-                                       "different run (data.path: run has '/nonexistent', ...)")
 def test_failed_start_does_not_poison_the_run_dir(tmp_path, data):
     run = tmp_path / "run"
     with pytest.raises(FP8LabError, match="/nonexistent"):

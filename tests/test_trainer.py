@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -122,3 +123,33 @@ def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpo
         x, _ = target.loader.next_batch()
         with torch.no_grad():
             assert torch.isfinite(target.model(x)).all()
+
+
+def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
+    b = trainer.b
+    assert trainer.train_step(1, [b.loader.next_batch()])[2]  # a normal step first: state exists
+
+    def snapshot():
+        params = {n: p.detach().clone() for n, p in b.model.named_parameters()}
+        state = {(id(p), k): v.clone() for p, st in b.optimizer.state.items() for k, v in st.items()}
+        return params, state
+
+    before = snapshot()
+    loss, norm, stepped = trainer.train_step(2, [b.loader.next_batch()])
+    assert not stepped and math.isnan(loss)
+    after = snapshot()
+    assert before[0].keys() == after[0].keys() and before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # includes AdamW's step count
+    assert all(p.grad is None for p in b.model.parameters())  # nothing leaks into the next step
+
+
+def test_nonfinite_step_is_logged_not_silent(tiny_data, tmp_path):
+    summary = train(tiny_config(tiny_data, **{"debug.inject_nan_at_step": 3}), tmp_path)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert recs[2]["skipped"] == "nonfinite" and recs[2]["loss"] is None
+    assert all("skipped" not in r for i, r in enumerate(recs) if i != 2)
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert [e["kind"] for e in events] == ["skip"] and events[0]["step"] == 3
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["final_eval_loss"])

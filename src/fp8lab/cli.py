@@ -43,7 +43,8 @@ def _cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise FP8LabError(f"{path} does not exist: is {run} a finished fp8lab run?")
-        summaries.append(json.loads(path.read_text()))
+        # Label rows by the path given here: summary.json keeps the path the run had then.
+        summaries.append(json.loads(path.read_text()) | {"run_dir": run})
     console.print(summary_table(summaries))
     return 0
 

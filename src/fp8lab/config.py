@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ def _check_choices(obj: Any, section: str) -> None:
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         v = getattr(obj, name)
+        if v is not None and not math.isfinite(v):
+            raise FP8LabError(f"{section}.{name}={v} must be a finite number")
         if v is not None and (v < 0 or (v == 0 and not allow_zero)):
             need = ">= 0" if allow_zero else "> 0"
             raise FP8LabError(f"{section}.{name}={v} must be {need}")
@@ -120,7 +123,7 @@ class OptimConfig:
         _positive("optim", self, "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         for name in ("min_lr_ratio", "beta1", "beta2"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
+            if not 0.0 <= v <= 1.0:  # also false for NaN
                 raise FP8LabError(f"optim.{name}={v} must lie in [0, 1]")
 
 
@@ -239,8 +242,11 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> FP8LabError:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    # Compare the last part only: the shared "section." prefix makes every key look close.
+    last = lambda s: s.rsplit(".", 1)[-1]  # noqa: E731
+    by_last = {last(k): k for k in known}
+    close = difflib.get_close_matches(last(name), list(by_last), n=1)
+    hint = f" (did you mean {by_last[close[0]]!r}?)" if close else ""
     return FP8LabError(f"unknown {kind} {name!r}{hint}; known: {', '.join(known)}")
 
 
@@ -325,10 +331,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise FP8LabError(f"config file {path} {what}; pass -c with a TOML file such as configs/demo.toml")
         try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FP8LabError(f"config file {path} does not exist; pass -c with a path such as configs/demo.toml") from None
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise FP8LabError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise FP8LabError(f"config file {path} is not valid TOML: {e}") from None
     return config_from_dict(raw, origin=str(path) if path else "defaults", overrides=overrides)

@@ -61,7 +61,8 @@ def summary_table(summaries: list[dict], *, title: str = "fp8lab runs") -> Table
     t = Table(title=title)
     for col in ("run", "recipe", "steps", "train loss", "eval loss", "tok/s (median)", "vs first", "peak mem GB",
                 "converted"):
-        t.add_column(col, justify="right" if col not in ("run", "recipe") else "left")
+        t.add_column(col, justify="right" if col not in ("run", "recipe") else "left",
+                     overflow="fold", no_wrap=col != "run")
     base = summaries[0].get("tokens_per_s_median") if summaries else None
     for s in summaries:
         tps = s.get("tokens_per_s_median")

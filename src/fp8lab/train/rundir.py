@@ -9,6 +9,7 @@ RUN/summary.json     written at the end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -20,10 +21,12 @@ from fp8lab.errors import FP8LabError
 from fp8lab.train.checkpoint import newest_complete, read_state
 
 # Keys that may change when a run is resumed: how long, how often to log, evaluate and
-# save, and the fault drills (debug.*), which exist to be switched on for one attempt.
+# save, how hard to check the data, how many CPU threads (bitwise repeatability needs the
+# same count, but the run is the same run), and the fault drills (debug.*), which exist
+# to be switched on for one attempt.
 # Anything else changes what is being trained, so it is a different run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep", "logging.",
-                      "debug.")
+                      "debug.", "data.verify", "train.threads")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -39,21 +42,21 @@ def _load_saved(path: Path) -> JobConfig:
         raise FP8LabError(f"{path} is not valid TOML ({e}); this run directory is damaged") from None
 
 
-def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
-    """Create a new run, or check that `cfg` may resume the run already in `run_dir`.
+def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
+    """Check, without writing anything, that `cfg` may start a new run in `run_dir` or
+    resume the run already there.
 
-    Returns the config to run with, the checkpoint to resume from (if any), and messages
-    for the console. A run directory holding something else is refused before anything
-    in it is touched.
+    Returns the config to run with (a checkpoint's recipe wins over the command line),
+    the checkpoint to resume from (if any), and messages for the console.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FP8LabError(f"run directory {run_dir} is a file; choose a new --run-dir")
     config_path = run_dir / "config.toml"
     if not config_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FP8LabError(f"run directory {run_dir} is not empty and holds no fp8lab run (no config.toml); "
                               "choose a new --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(config_path, cfg.to_toml())
         return cfg, None, []
 
     saved = _load_saved(config_path)
@@ -64,8 +67,8 @@ def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int
         if cfg.precision.recipe != ckpt_recipe:
             messages.append(f"precision.recipe={cfg.precision.recipe} ignored: the checkpoint at step "
                             f"{newest[0]} was trained with {ckpt_recipe}, which wins on resume")
-        cfg.precision.recipe = ckpt_recipe
-        saved.precision.recipe = ckpt_recipe
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, recipe=ckpt_recipe))
+        saved = dataclasses.replace(saved, precision=dataclasses.replace(saved.precision, recipe=ckpt_recipe))
     now, before = cfg.flat(), saved.flat()
     changed = [k for k in now if now[k] != before[k]]
     refused = [k for k in changed if not k.startswith(RESUMABLE_PREFIXES)]
@@ -75,8 +78,20 @@ def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int
                           "resume with the run's settings or choose a new --run-dir")
     if changed:
         messages.append("resume changes " + ", ".join(f"{k}={now[k]!r}" for k in changed))
-    atomic_write(config_path, cfg.to_toml())
     return cfg, newest, messages
+
+
+def write_run_config(run_dir: Path, cfg: JobConfig) -> None:
+    """Create the run directory (if new) and record the resolved config in it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / "config.toml", cfg.to_toml())
+
+
+def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
+    """check_run_dir, then write_run_config."""
+    cfg, resume, messages = check_run_dir(run_dir, cfg)
+    write_run_config(run_dir, cfg)
+    return cfg, resume, messages
 
 
 class JsonlWriter:

@@ -25,7 +25,7 @@ from fp8lab.train.build import Built, build
 from fp8lab.train.checkpoint import load_tensors, read_state, save_checkpoint
 from fp8lab.train.console import TrainProgress, console, setup_logging
 from fp8lab.train.rng import capture_rng, restore_rng
-from fp8lab.train.rundir import JsonlWriter, atomic_write, prepare_run_dir, read_jsonl
+from fp8lab.train.rundir import JsonlWriter, atomic_write, check_run_dir, read_jsonl, write_run_config
 from fp8lab.train.schedule import lr_at
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding)
@@ -46,8 +46,9 @@ class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: Path):
         setup_logging()
         self.run_dir = Path(run_dir)
-        self.cfg, resume, messages = prepare_run_dir(self.run_dir, cfg)
-        self.b: Built = build(self.cfg)
+        self.cfg, resume, messages = check_run_dir(self.run_dir, cfg)
+        self.b: Built = build(self.cfg)  # bad data, device or recipe fail here, before the run dir is touched
+        write_run_config(self.run_dir, self.cfg)
         self.step = 0
         self.skipped_steps = 0
         if resume is not None:
