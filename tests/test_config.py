@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -337,3 +338,11 @@ def test_describe_fields_mentions_every_key_with_default_and_choices():
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
             assert f.metadata["doc"] and f.metadata["doc"] in text
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.model.preset in ("debug", "125m", "350m", "1b", "3b", "8b")
+    assert cfg.data.seq_len > 0 and cfg.train.steps >= cfg.optim.warmup_steps

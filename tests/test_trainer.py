@@ -153,3 +153,15 @@ def test_nonfinite_step_is_logged_not_silent(tiny_data, tmp_path):
     events = read_jsonl(tmp_path / "events.jsonl")
     assert [e["kind"] for e in events] == ["skip"] and events[0]["step"] == 3
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["final_eval_loss"])
+
+
+def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tiny_data, **{"logging.tensorboard": "true"}), tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [s for s, _ in logged] == [r["step"] for r in recs]
+    assert all(v == pytest.approx(r["loss"], rel=1e-6) for (_, v), r in zip(logged, recs))

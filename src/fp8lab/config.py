@@ -179,6 +179,7 @@ class LoggingConfig:
     log_interval: int = opt(10, "console line every N steps when the console is not a terminal")
     progress: str = opt("auto", "progress bar: auto = when the console is a terminal",
                         choices=("auto", "on", "off"))
+    tensorboard: bool = opt(False, "also write the metrics to RUN/tensorboard (needs the tensorboard extra)")
 
     def __post_init__(self):
         _check_choices(self, "logging")

@@ -4,13 +4,15 @@ terminal) or a line every N steps (in logs), loud notes, and a closing table."""
 from __future__ import annotations
 
 import logging
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(highlight=False, soft_wrap=True)
+# Logs and CI capture are not terminals; rich would wrap them at 80 columns.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def setup_logging() -> None:
@@ -59,8 +61,8 @@ class TrainProgress:
 def summary_table(summaries: list[dict], *, title: str = "fp8lab runs") -> Table:
     """One row per run: the figures a BF16-vs-FP8 decision starts from."""
     t = Table(title=title)
-    for col in ("run", "recipe", "steps", "train loss", "eval loss", "tok/s (median)", "vs first", "peak mem GB",
-                "converted"):
+    for col in ("run", "recipe", "steps", "train loss", "eval loss", "tok/s", "vs first", "peak mem GB",
+                "FP8 linears"):
         t.add_column(col, justify="right" if col not in ("run", "recipe") else "left",
                      overflow="fold", no_wrap=col != "run")
     base = summaries[0].get("tokens_per_s_median") if summaries else None

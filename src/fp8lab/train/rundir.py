@@ -120,5 +120,32 @@ class JsonlWriter:
         self._f.close()
 
 
+class TensorBoardWriter:
+    """The numeric fields of each metrics record as TensorBoard scalars under RUN/tensorboard."""
+
+    @staticmethod
+    def check_available() -> None:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise FP8LabError("logging.tensorboard=true needs the tensorboard package: "
+                              "pip install 'fp8lab[tensorboard]'") from None
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events logged after the checkpoint by the attempt that died.
+        self._w = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self._w.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._w.close()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -25,7 +25,9 @@ from fp8lab.train.build import Built, build
 from fp8lab.train.checkpoint import load_tensors, read_state, save_checkpoint
 from fp8lab.train.console import TrainProgress, console, setup_logging
 from fp8lab.train.rng import capture_rng, restore_rng
-from fp8lab.train.rundir import JsonlWriter, atomic_write, check_run_dir, read_jsonl, write_run_config
+from fp8lab.train.rundir import (
+    JsonlWriter, TensorBoardWriter, atomic_write, check_run_dir, read_jsonl, write_run_config,
+)
 from fp8lab.train.schedule import lr_at
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding)
@@ -47,7 +49,10 @@ class Trainer:
         setup_logging()
         self.run_dir = Path(run_dir)
         self.cfg, resume, messages = check_run_dir(self.run_dir, cfg)
-        self.b: Built = build(self.cfg)  # bad data, device or recipe fail here, before the run dir is touched
+        # Bad data, device, recipe or a missing extra fail here, before the run dir is touched.
+        if self.cfg.logging.tensorboard:
+            TensorBoardWriter.check_available()
+        self.b: Built = build(self.cfg)
         write_run_config(self.run_dir, self.cfg)
         self.step = 0
         self.skipped_steps = 0
@@ -57,6 +62,8 @@ class Trainer:
         dev = self.b.device
         self.peak_tflops = bf16_peak_tflops(device_name(dev)) if dev.type == "cuda" else None
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", keep_through_step=self.step if resume else None)
+        self.tensorboard = (TensorBoardWriter(self.run_dir, resume_step=self.step if resume else None)
+                            if self.cfg.logging.tensorboard else None)
         self.events = JsonlWriter(self.run_dir / "events.jsonl", keep_through_step=self.step if resume else None)
         for m in messages:
             self.event("config", m)
@@ -78,6 +85,11 @@ class Trainer:
         restore_rng(state["rng"])
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
+
+    def _close_logs(self) -> None:
+        for sink in (self.metrics, self.events, self.tensorboard):
+            if sink is not None:
+                sink.close()
 
     def event(self, kind: str, message: str, **fields) -> None:
         """Something the user must hear about: to the console and to events.jsonl."""
@@ -191,14 +203,15 @@ class Trainer:
                 if eval_every and step % eval_every == 0 and step < cfg.train.steps:
                     rec["eval_loss"] = self.evaluate()
                 self.metrics.write(rec)
+                if self.tensorboard is not None:
+                    self.tensorboard.write(rec)
                 progress.update(rec)
                 if interval and step % interval == 0 and step < cfg.train.steps:
                     self.save()
                 last = time.perf_counter()  # eval and checkpoint time is not step time
                 if step == cfg.debug.stop_at_step:
                     self.event("stop", f"debug.stop_at_step={step}: stopping as if interrupted")
-                    self.metrics.close()
-                    self.events.close()
+                    self._close_logs()
                     return {"stopped_at": step}
         finally:
             progress.close()
@@ -224,8 +237,7 @@ class Trainer:
                          "python": platform.python_version(), "cuda": torch.version.cuda},
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        self.metrics.close()
-        self.events.close()
+        self._close_logs()
         console.print(f"[bold green]done[/] step {self.step}: train loss {summary['final_train_loss']}, "
                       f"eval loss {final_eval:.4f}, median {summary['tokens_per_s_median']:,.0f} tok/s "
                       f"-> {self.run_dir / 'summary.json'}")
