@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import tiny_config
 from fp8lab.errors import FP8LabError
@@ -45,7 +46,8 @@ def test_plain_names_load_with_stock_dcp_into_a_plain_model(run, tiny_data):
     b = build(tiny_config(tiny_data))
     plain = Transformer(b.model_args)
     sd = plain.state_dict()
-    dcp.load({"model": sd}, storage_reader=SafeFileSystemReader(run / "checkpoints" / "step-4" / "dcp"), no_dist=True)
+    reader = FileSystemReader(run / "checkpoints" / "step-4" / "dcp")  # torch's own reader
+    dcp.load({"model": sd}, storage_reader=reader, no_dist=True)
     ours = Transformer(b.model_args)
     load_model_weights(run / "checkpoints" / "step-4", ours)
     assert all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
@@ -114,3 +116,64 @@ def test_missing_tensor_is_a_clear_error_not_a_base_exception(run):
     args = dataclasses.replace(read_args(run), n_layers=3)  # layers.2.* are not in the checkpoint
     with pytest.raises(FP8LabError, match="could not be loaded"):
         load_model_weights(run / "checkpoints" / "step-4", Transformer(args))
+
+
+def _rewrite_metadata(ckpt, change):
+    """Load a checkpoint's DCP metadata (trusted here: we wrote it), change it, write it back."""
+    path = ckpt / "dcp" / ".metadata"
+    with open(path, "rb") as f:
+        md = pickle.load(f)
+    change(md)
+    path.write_bytes(pickle.dumps(md))
+
+
+def test_metadata_that_turns_a_tensor_into_bytes_is_refused(run, tmp_path):
+    """DCP loads byte entries with torch.load(weights_only=False): whoever writes .metadata
+    could turn a tensor entry into a pickle payload. Byte entries are refused."""
+    import shutil
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(run / "checkpoints" / "step-4", ckpt)
+    _rewrite_metadata(ckpt, lambda md: md.state_dict_metadata.__setitem__("model.norm.weight",
+                                                                          BytesStorageMetadata()))
+    with pytest.raises(FP8LabError, match="unreadable DCP metadata.*BytesStorageMetadata"):
+        load_model_weights(ckpt, Transformer(read_args(run)))
+
+
+def test_payload_paths_outside_the_checkpoint_are_refused(run, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(run / "checkpoints" / "step-4", ckpt)
+
+    def escape(md):
+        for info in md.storage_data.values():
+            info.relative_path = "../../elsewhere.distcp"
+
+    _rewrite_metadata(ckpt, escape)
+    with pytest.raises(FP8LabError, match="payload path '../../elsewhere.distcp' is not a file inside"):
+        load_model_weights(ckpt, Transformer(read_args(run)))
+
+
+def test_stale_writer_leftovers_are_removed_on_start(run, tiny_data, tmp_path):
+    import shutil
+
+    from fp8lab.train.checkpoint import remove_stale
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "step-5.tmp-99999" / "dcp").mkdir(parents=True)
+    (copy / "checkpoints" / "step-6").mkdir()  # no marker: a half-deleted or half-written one
+    assert remove_stale(copy) == ["step-5.tmp-99999", "step-6"]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+def test_a_finished_run_is_not_resaved(run, tiny_data):
+    """Re-running a finished run trains nothing and must leave its last checkpoint alone."""
+    before = (run / "checkpoints" / "step-4" / "dcp" / ".metadata").stat().st_mtime_ns
+    summary = train(tiny_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
+                                              "precision.recipe": "fp8-rowwise"}), run)
+    assert summary["steps"] == 4
+    assert (run / "checkpoints" / "step-4" / "dcp" / ".metadata").stat().st_mtime_ns == before

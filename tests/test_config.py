@@ -188,7 +188,9 @@ def test_bad_choice_lists_allowed_values(key, value, match):
     ("debug.stop_at_step", "-2", r"debug\.stop_at_step=-2 must be >= 0"),
     ("optim.lr", "-0.1", r"optim\.lr=-0\.1 must be > 0"),
     ("optim.min_lr_ratio", "1.5", r"optim\.min_lr_ratio=1\.5 must lie in \[0, 1\]"),
-    ("optim.beta2", "-0.1", r"optim\.beta2=-0\.1 must lie in \[0, 1\]"),
+    ("optim.beta2", "-0.1", r"optim\.beta2=-0\.1 must lie in \[0, 1\)"),
+    ("optim.beta1", "1.0", r"optim\.beta1=1\.0 must lie in \[0, 1\)"),
+    ("data.seed", "-1", r"data\.seed=-1 must be >= 0"),
 ])
 def test_out_of_range_numbers_name_key_and_value(key, value, match):
     with raises_one_line(match):

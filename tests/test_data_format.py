@@ -117,7 +117,7 @@ def test_wrong_magic_and_missing_shard(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(FP8LabError, match=r"m\.bin is not an fp8lab token shard"):
         open_shard(path)
-    with pytest.raises(FP8LabError, match=r"nope\.bin not found: run `fp8lab prepare`"):
+    with pytest.raises(FP8LabError, match=r"nope\.bin not found: check `data.path`"):
         open_shard(tmp_path / "nope.bin")
 
 
@@ -176,7 +176,7 @@ def test_write_dataset_refuses_existing_and_cleans_up(tmp_path):
 
 
 def test_open_dataset_bad_directories(tmp_path):
-    with pytest.raises(FP8LabError, match=r"missing not found: run `fp8lab prepare`"):
+    with pytest.raises(FP8LabError, match=r"missing not found: check `data.path`"):
         open_dataset(tmp_path / "missing")
     (tmp_path / "nomani").mkdir()
     with pytest.raises(FP8LabError, match=r"nomani has no manifest\.json"):

@@ -4,6 +4,7 @@ in FP8 (SQNR against fp32 on the same weights inside TorchAO's single-layer boun
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_whole_model_logits_sqnr_at_init(recipe):
     tokens = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         s = sqnr(ref(tokens), test(tokens))
-    assert s >= 25
+    assert 25 <= s < math.inf  # finite: the converted model really computes differently
 
 
 def test_to_plain_shares_storage_with_mxfp8_weights():

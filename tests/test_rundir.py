@@ -108,7 +108,9 @@ def test_allowed_changes_are_reported_and_saved(run, data):
     got, resume, messages = prepare_run_dir(run, cfg)
     assert resume == (4, run / "checkpoints" / "step-4")
     assert got.train.steps == 9
-    assert len(messages) == 1 and messages[0].startswith("resume changes ")
+    assert len(messages) == 2 and messages[0].startswith("resume changes ")
+    # a longer run stretches the cosine schedule: the learning rate jumps, and the user is told
+    assert messages[1].startswith("train.steps 4 -> 9 rescales the cosine schedule: the learning rate at step 5")
     for part in ("train.steps=9", "train.eval_interval=3", "checkpoint.interval=3", "checkpoint.keep=1",
                  "logging.log_interval=2", "logging.progress='on'", "debug.stop_at_step=5"):
         assert part in messages[0], part

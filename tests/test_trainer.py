@@ -128,7 +128,7 @@ def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpo
 def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path):
     trainer = Trainer(tiny_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
     b = trainer.b
-    assert trainer.train_step(1, [b.loader.next_batch()])[2]  # a normal step first: state exists
+    assert trainer.train_step(1, [b.loader.next_batch()]).stepped  # a normal step first: state exists
 
     def snapshot():
         params = {n: p.detach().clone() for n, p in b.model.named_parameters()}
@@ -136,8 +136,8 @@ def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp
         return params, state
 
     before = snapshot()
-    loss, norm, stepped = trainer.train_step(2, [b.loader.next_batch()])
-    assert not stepped and math.isnan(loss)
+    result = trainer.train_step(2, [b.loader.next_batch()])
+    assert not result.stepped and math.isnan(result.loss)
     after = snapshot()
     assert before[0].keys() == after[0].keys() and before[1].keys() == after[1].keys()
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
@@ -165,3 +165,40 @@ def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [s for s, _ in logged] == [r["step"] for r in recs]
     assert all(v == pytest.approx(r["loss"], rel=1e-6) for (_, v), r in zip(logged, recs))
+
+
+def test_resume_on_different_data_is_refused(tiny_data, tmp_path):
+    from fp8lab.data import write_dataset
+    from fp8lab.errors import FP8LabError
+
+    import numpy as np
+
+    other = write_dataset(tmp_path / "other", train=[np.arange(512 * 33).reshape(512, 33) % 64],
+                          val=[np.zeros((32, 33), dtype=np.int64)], seq_len=32, vocab_size=64, eos_id=None,
+                          tokenizer={"type": "synthetic"}, sources=[])
+    over = {"checkpoint.interval": 2, "debug.stop_at_step": 3}
+    train(tiny_config(tiny_data, **over), tmp_path / "run")
+    # Same path, different content: swap the data directory under the run.
+    import shutil
+
+    moved = tmp_path / "data-copy"
+    shutil.copytree(tiny_data, moved)
+    train(tiny_config(moved, **over), tmp_path / "run2")
+    shutil.rmtree(moved)
+    shutil.copytree(other, moved)
+    with pytest.raises(FP8LabError, match="is not the data this run was trained on"):
+        train(tiny_config(moved, **over), tmp_path / "run2")
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny_data, tmp_path):
+    from fp8lab.errors import FP8LabError
+
+    train(tiny_config(tiny_data, **{"checkpoint.interval": 2, "debug.stop_at_step": 5}), tmp_path)
+    with pytest.raises(FP8LabError, match="train.steps=3 is below the step of the newest checkpoint \\(4\\)"):
+        train(tiny_config(tiny_data, **{"checkpoint.interval": 2, "train.steps": 3}), tmp_path)
+
+
+def test_final_eval_is_in_the_last_metrics_record(tiny_data, tmp_path):
+    summary = train(tiny_config(tiny_data), tmp_path)
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert last["step"] == 6 and last["eval_loss"] == summary["final_eval_loss"]

@@ -83,6 +83,7 @@ class DataConfig:
     def __post_init__(self):
         _check_choices(self, "data")
         _positive("data", self, "seq_len", "micro_batch_size", "embedded_bytes")
+        _positive("data", self, "seed", allow_zero=True)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choices(self, "train")
         _positive("train", self, "steps", "grad_accum_steps", "eval_batches")
-        _positive("train", self, "eval_interval", "threads", allow_zero=True)
+        _positive("train", self, "seed", "eval_interval", "threads", allow_zero=True)
 
 
 @dataclass
@@ -121,10 +122,12 @@ class OptimConfig:
         _check_choices(self, "optim")
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
-        for name in ("min_lr_ratio", "beta1", "beta2"):
+        if not 0.0 <= self.min_lr_ratio <= 1.0:  # also false for NaN
+            raise FP8LabError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:  # also false for NaN
-                raise FP8LabError(f"optim.{name}={v} must lie in [0, 1]")
+            if not 0.0 <= v < 1.0:
+                raise FP8LabError(f"optim.{name}={v} must lie in [0, 1)")
 
 
 @dataclass
@@ -153,6 +156,7 @@ class PrecisionConfig:
 class CheckpointConfig:
     interval: int = opt(50, "save a checkpoint every N steps, and at the end (0: only at the end)")
     keep: int = opt(3, "complete checkpoints kept (the newest is never deleted)")
+    at_end: bool = opt(True, "save a checkpoint when training ends (off for throughput benchmarks)")
 
     def __post_init__(self):
         _positive("checkpoint", self, "interval", allow_zero=True)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fp8lab.data.shards import Shard, fsync_dir, open_shard, sha256_file, write_shard
+from fp8lab.data.shards import Shard, open_shard, sha256_file, write_shard
 from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import fsync_dir
 
 MANIFEST = "manifest.json"
 DATASET_FORMAT = "fp8lab-tokens"
 DATASET_VERSION = 1
-_PREPARE_HINT = "run `fp8lab prepare` or check `data.path`"
+_PREPARE_HINT = "check `data.path` or prepare the data again"
 
 
 class DatasetExistsError(FP8LabError):
@@ -172,14 +173,14 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FP8LabError(f"{mpath} is not valid JSON ({e}); re-run `fp8lab prepare`") from e
+        raise FP8LabError(f"{mpath} is not valid JSON ({e}); prepare the data again") from e
     if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise FP8LabError(f"{mpath} has format {got!r}, expected {DATASET_FORMAT!r}; {_PREPARE_HINT}")
     if manifest.get("version") != DATASET_VERSION:
         raise FP8LabError(
             f"{mpath} has version {manifest.get('version')!r}, this fp8lab reads {DATASET_VERSION}; "
-            "re-run `fp8lab prepare`"
+            "prepare the data again"
         )
     for key, ok in (
         ("seq_len", lambda v: type(v) is int and v >= 1),
@@ -190,7 +191,7 @@ def _read_manifest(path: Path) -> dict:
     ):
         if key not in manifest or not ok(manifest[key]):
             raise FP8LabError(
-                f"{mpath}: key {key!r} is missing or invalid ({manifest.get(key)!r}); re-run `fp8lab prepare`"
+                f"{mpath}: key {key!r} is missing or invalid ({manifest.get(key)!r}); prepare the data again"
             )
     return manifest
 
@@ -213,7 +214,7 @@ def _open_entry(*, path: Path, manifest: dict, entry: object, verify: str) -> Sh
         if got != want:
             raise FP8LabError(
                 f"data shard {shard.path} does not match {mpath}: {what} is {got}, manifest says {want}; "
-                "the directory was modified; re-run `fp8lab prepare`"
+                "the directory was modified; prepare the data again"
             )
     if verify == "full":
         digest = sha256_file(shard.path)
@@ -221,7 +222,7 @@ def _open_entry(*, path: Path, manifest: dict, entry: object, verify: str) -> Sh
             raise FP8LabError(
                 f"data shard {shard.path} changed: sha256 is {digest[:16]}..., "
                 f"{MANIFEST} says {str(entry['sha256'])[:16]}...; "
-                "the file is corrupt or was edited; re-run `fp8lab prepare`"
+                "the file is corrupt or was edited; prepare the data again"
             )
     return shard
 

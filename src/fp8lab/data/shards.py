@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import fsync_dir
 
 HEADER_BYTES = 256
 MAGIC = b"FP8LTOK\x00"
@@ -88,20 +89,6 @@ def _check_tokens(*, path: Path, tokens: object, vocab_size: int) -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype=token_dtype(vocab_size=vocab_size))
 
 
-def fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse to open directories, which is fine.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, *, vocab_size: int, eos_id: int | None) -> dict:
     """Write `tokens` (sequences, seq_len + 1) as a shard, atomically; return its manifest entry."""
     path = Path(path)
@@ -134,39 +121,39 @@ def open_shard(path: str | os.PathLike) -> Shard:
     """Open and validate a shard; the tokens are memory-mapped read-only, not loaded."""
     path = Path(path)
     if not path.is_file():
-        raise FP8LabError(f"data shard {path} not found: run `fp8lab prepare` or check `data.path`")
+        raise FP8LabError(f"data shard {path} not found: check `data.path` or prepare the data again")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
         raise FP8LabError(
             f"data shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
-            "the file is truncated; re-run `fp8lab prepare`"
+            "the file is truncated; prepare the data again"
         )
     magic, version, itemsize, seq_len, count, vocab_size, eos = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise FP8LabError(
             f"{path} is not an fp8lab token shard (magic {magic!r}, expected {MAGIC!r}); "
-            "point `data.path` at a directory made by `fp8lab prepare`"
+            "point `data.path` at a prepared fp8lab data directory"
         )
     if version != FORMAT_VERSION:
         raise FP8LabError(
             f"data shard {path} has format version {version}, this fp8lab reads version {FORMAT_VERSION}; "
-            "re-run `fp8lab prepare` with this version"
+            "prepare the data again with this version"
         )
     if itemsize not in _DTYPES:
         raise FP8LabError(f"data shard {path} has token itemsize {itemsize}, expected 2 or 4: the header is corrupt")
     if seq_len < 1 or vocab_size < 1 or (eos != NO_EOS and eos >= vocab_size):
         raise FP8LabError(
             f"data shard {path} has an inconsistent header (seq_len={seq_len}, vocab_size={vocab_size}, "
-            f"eos_id={eos}); re-run `fp8lab prepare`"
+            f"eos_id={eos}); prepare the data again"
         )
     expected = shard_nbytes(count=count, seq_len=seq_len, itemsize=itemsize)
     if size != expected:
         what = "truncated" if size < expected else "has extra bytes"
         raise FP8LabError(
             f"data shard {path} {what}: it is {size} bytes but its header ({count} x {seq_len + 1} tokens of "
-            f"{itemsize} bytes) needs {expected}; re-run `fp8lab prepare`"
+            f"{itemsize} bytes) needs {expected}; prepare the data again"
         )
     tokens = np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count, seq_len + 1))
     return Shard(

@@ -28,7 +28,7 @@ log = logging.getLogger("fp8lab")
 def _import_torchao() -> None:
     # torchao logs a warning for each prebuilt CUDA extension it cannot load (always, on
     # CPU-only installs) and torch warns about its Enum registrations: noise, not news.
-    # `fp8lab doctor` reports what kernels are really available.
+    # The kernel probe in capability.py checks what really runs.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import torchao  # noqa: F401
@@ -65,10 +65,12 @@ def _matches(fqn: str, pattern: str) -> bool:
 
 
 def heuristic_keep_high_precision(recipe: Recipe, k: int, n: int) -> bool:
-    """TorchAO's published H100 rules for when FP8 does not pay (K = in, N = out features):
-    the casts cost more than the faster GEMM saves. Tensorwise loses for K <= 4096 with
-    N <= 1024; rowwise loses for N <= 2048, for K <= 1024, or for N <= 4096 with K <= 2048.
-    Source: torchao/float8/float8_linear_utils.py `_auto_filter_for_recipe` (0.18).
+    """TorchAO's H100 rules for when FP8 does not pay (K = in, N = out features): the casts
+    cost more than the faster GEMM saves. Tensorwise loses for K <= 4096 with N <= 1024;
+    rowwise loses for N <= 2048, for K <= 1024, or for N <= 4096 with K <= 2048.
+    Source: torchao/float8/float8_linear_utils.py `_auto_filter_for_recipe` (0.18), which
+    has no rule for rowwise_with_gw_hp; we apply the rowwise rule to it (same forward and
+    grad_input GEMMs, a cheaper grad_weight), an extrapolation, not TorchAO's.
     """
     if recipe.torchao_recipe == "tensorwise":
         return k <= 4096 and n <= 1024

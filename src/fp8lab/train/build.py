@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -21,7 +20,7 @@ from fp8lab.config import JobConfig
 from fp8lab.data import TokenLoader, embedded_dataset, eval_batches, open_dataset
 from fp8lab.errors import FP8LabError
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, preset_args
-from fp8lab.precision import ConversionReport, convert, get_recipe
+from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
 from fp8lab.precision.capability import device_name
 from fp8lab.train.optim import build_optimizer
 from fp8lab.train.rng import seed_everything
@@ -82,8 +81,7 @@ def model_args_for(cfg: JobConfig, data_vocab: int) -> ModelArgs:
 @dataclass
 class Built:
     device: torch.device
-    model: nn.Module  # converted, not compiled: its parameter names are the checkpoint's
-    forward: Callable  # the compiled model where compile is on, else `model`
+    model: nn.Module  # converted; with compile on, each block is compiled in place (names unchanged)
     optimizer: torch.optim.Optimizer
     report: ConversionReport
     compute_dtype: torch.dtype
@@ -108,6 +106,10 @@ def build(cfg: JobConfig) -> Built:
     # Inductor lowers the embedding backward to atomic adds unless deterministic
     # algorithms are on: without it a compiled CPU run differs from itself by ~1e-8.
     deterministic = cfg.train.deterministic == "on" or (cfg.train.deterministic == "auto" and device.type == "cpu")
+    if deterministic and device.type == "cuda":
+        # cuBLAS refuses deterministic mode without a fixed workspace (torch docs,
+        # "Reproducibility"); it must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     recipe = get_recipe(cfg.precision.recipe)
     notes: list[str] = []
@@ -128,12 +130,15 @@ def build(cfg: JobConfig) -> Built:
     report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
                      skip_modules=cfg.precision.skip_modules, filter_mode=cfg.precision.filter_mode)
     if report.emulated:
-        from fp8lab.precision import EMULATION_NOTE
-
         notes.append(EMULATION_NOTE)
     optimizer = build_optimizer(model, cfg.optim, device=device)
     compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
-    forward = torch.compile(model, dynamic=False) if compiled else model
-    return Built(device=device, model=model, forward=forward, optimizer=optimizer, report=report,
+    if compiled:
+        # Per block, as torchtitan does: the blocks are identical, so dynamo compiles one
+        # graph and reuses it (compile time does not grow with depth), and compiling in
+        # place keeps the parameter names a checkpoint needs.
+        for block in model.layers.values():
+            block.compile(dynamic=False)
+    return Built(device=device, model=model, optimizer=optimizer, report=report,
                  compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
                  flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes)

@@ -10,8 +10,10 @@
 
 Nothing we load can run code: DCP (torch 2.13) reads `.metadata` with plain pickle.load,
 so `SafeFileSystemReader` reads it through an unpickler that admits only DCP's metadata
-classes; and we store no byte payloads, which DCP would load with
-torch.load(weights_only=False). Tensor payloads are read with weights_only=True by DCP.
+classes for *tensors*. Byte entries are refused outright (DCP would load their payload with
+torch.load(weights_only=False), and an attacker who writes the metadata chooses which
+entries are bytes), and every payload must be a plain file name inside the `dcp/` folder.
+Tensor payloads are read by DCP with weights_only=True.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import fsync_dir, write_durable
 from fp8lab.precision.convert import to_plain
 from fp8lab.train.optim import init_optimizer_state
 
@@ -43,7 +46,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # (module, name) pairs a DCP .metadata pickle may reference; anything else is refused.
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", n)
-    for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
               "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING")
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -65,14 +68,23 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata pickle can only build DCP metadata objects."""
+    """FileSystemReader whose metadata can only describe tensors stored in its own folder."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):
+                raise pickle.UnpicklingError(f"entry {key!r} is not a tensor; fp8lab checkpoints hold only tensors")
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise pickle.UnpicklingError(f"payload path {name!r} is not a file inside the checkpoint")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -117,21 +129,6 @@ def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
@@ -151,31 +148,46 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: to
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if (final / MARKER).is_file():
+        # Only a resumed run that has already reached its last step gets here: the step's
+        # state is on disk, and replacing it would open a window with no checkpoint.
+        return final
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a killed writer
     tmp = root / f"step-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with _quiet_single_process():
         dcp.save(tensor_state(model, optimizer), storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
-    _write_file(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
-    _fsync_dir(tmp / "dcp")
-    _write_file(tmp / MARKER, f"{step}\n")
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace
-        old = root / f"step-{step}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
+    write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+    fsync_dir(tmp / "dcp")
+    write_durable(tmp / MARKER, f"{step}\n")
+    fsync_dir(tmp)
+    os.rename(tmp, final)
+    fsync_dir(root)
     prune(run_dir, keep=keep)
     return final
 
 
+def remove_stale(run_dir: Path) -> list[str]:
+    """Delete what killed writers left behind (step-N.tmp-PID folders, incomplete step-N
+    folders); one trainer owns a run directory, so nothing else can be writing them.
+    Returns the names removed."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and (".tmp-" in p.name or not (p / MARKER).is_file())]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in stale)
+
+
 def prune(run_dir: Path, *, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`; the newest always stays."""
+    """Delete the oldest complete checkpoints beyond `keep`; the newest always stays.
+    The marker goes first, so a deletion cut short leaves an incomplete folder, never a
+    complete-looking half checkpoint."""
     found = list_complete(run_dir)
     for _, path in found[: max(len(found) - max(keep, 1), 0)]:
+        (path / MARKER).unlink()
         shutil.rmtree(path, ignore_errors=True)
 
 

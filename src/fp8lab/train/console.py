@@ -50,9 +50,6 @@ class TrainProgress:
             extra = f"  eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
             console.print(f"step {rec['step']:>6}  {info}  mfu {_fmt(rec['mfu'], '.1%')}{extra}")
 
-    def note(self, text: str, style: str = "yellow") -> None:
-        console.print(f"[{style}]{text}[/]")
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

@@ -31,8 +31,9 @@ def capture_rng() -> dict:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": _b64(torch.get_rng_state()),
     }
-    if torch.cuda.is_available():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device only: get_rng_state_all() would create a context on every GPU.
+        out["cuda"] = {"device": torch.cuda.current_device(), "state": _b64(torch.cuda.get_rng_state())}
     return out
 
 
@@ -43,6 +44,4 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        # A run resumed on fewer GPUs restores the devices it has.
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(_unb64(s), i)
+        torch.cuda.set_rng_state(_unb64(state["cuda"]["state"]), torch.cuda.current_device())

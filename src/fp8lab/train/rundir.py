@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from fp8lab.config import JobConfig, config_from_dict
 from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import atomic_write
 from fp8lab.train.checkpoint import newest_complete, read_state
+from fp8lab.train.schedule import lr_at
 
 # Keys that may change when a run is resumed: how long, how often to log, evaluate and
 # save, how hard to check the data, how many CPU threads (bitwise repeatability needs the
@@ -27,12 +28,6 @@ from fp8lab.train.checkpoint import newest_complete, read_state
 # Anything else changes what is being trained, so it is a different run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep", "logging.",
                       "debug.", "data.verify", "train.threads")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _load_saved(path: Path) -> JobConfig:
@@ -76,8 +71,17 @@ def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, 
         diffs = "; ".join(f"{k}: run has {before[k]!r}, command gives {now[k]!r}" for k in refused)
         raise FP8LabError(f"run directory {run_dir} holds a different run ({diffs}); "
                           "resume with the run's settings or choose a new --run-dir")
+    if newest is not None and cfg.train.steps < newest[0]:
+        raise FP8LabError(f"train.steps={cfg.train.steps} is below the step of the newest checkpoint "
+                          f"({newest[0]}) in {run_dir}; give at least {newest[0]}")
     if changed:
         messages.append("resume changes " + ", ".join(f"{k}={now[k]!r}" for k in changed))
+    if newest is not None and "train.steps" in changed and cfg.optim.schedule == "cosine":
+        step = newest[0] + 1
+        old = lr_at(step, cfg=saved.optim, total_steps=saved.train.steps)
+        new = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
+        messages.append(f"train.steps {saved.train.steps} -> {cfg.train.steps} rescales the cosine schedule: "
+                        f"the learning rate at step {step} becomes {new:.3g} (was {old:.3g})")
     return cfg, newest, messages
 
 
