@@ -168,26 +168,24 @@ def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
 
 
 def test_resume_on_different_data_is_refused(tiny_data, tmp_path):
-    from fp8lab.data import write_dataset
-    from fp8lab.errors import FP8LabError
+    """Same data.path, different content (re-prepared, or the embedded corpus of another
+    Python): the run must not silently continue on it."""
+    import shutil
 
     import numpy as np
 
-    other = write_dataset(tmp_path / "other", train=[np.arange(512 * 33).reshape(512, 33) % 64],
-                          val=[np.zeros((32, 33), dtype=np.int64)], seq_len=32, vocab_size=64, eos_id=None,
-                          tokenizer={"type": "synthetic"}, sources=[])
-    over = {"checkpoint.interval": 2, "debug.stop_at_step": 3}
-    train(tiny_config(tiny_data, **over), tmp_path / "run")
-    # Same path, different content: swap the data directory under the run.
-    import shutil
+    from fp8lab.data import write_dataset
+    from fp8lab.errors import FP8LabError
 
-    moved = tmp_path / "data-copy"
-    shutil.copytree(tiny_data, moved)
-    train(tiny_config(moved, **over), tmp_path / "run2")
-    shutil.rmtree(moved)
-    shutil.copytree(other, moved)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    over = {"checkpoint.interval": 2, "debug.stop_at_step": 3}
+    train(tiny_config(data, **over), tmp_path / "run")
+    shutil.rmtree(data)
+    write_dataset(data, train=[np.arange(512 * 33).reshape(512, 33) % 64], val=[np.zeros((32, 33), dtype=np.int64)],
+                  seq_len=32, vocab_size=64, eos_id=None, tokenizer={"type": "synthetic"}, sources=[])
     with pytest.raises(FP8LabError, match="is not the data this run was trained on"):
-        train(tiny_config(moved, **over), tmp_path / "run2")
+        train(tiny_config(data, **over), tmp_path / "run")
 
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny_data, tmp_path):
