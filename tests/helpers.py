@@ -44,6 +44,32 @@ def tiny_config(data_path: str | Path, **extra: object) -> JobConfig:
     return load_config(None, values)
 
 
+# The trainer tests' base: TINY's model, 8 x 32-token micro-batches, 6 steps, no periodic
+# eval or checkpoint, 2 threads (the count pytest_configure fixes for bitwise repeatability).
+TRAINER_BASE: dict[str, str] = {
+    **TINY, "data.micro_batch_size": "8", "train.steps": "6", "train.eval_interval": "0",
+    "train.eval_batches": "2", "train.threads": "2", "optim.warmup_steps": "2", "optim.lr": "3e-3",
+    "checkpoint.interval": "0",
+}
+
+
+def trainer_config(data_path: str | Path, **dotted: object) -> JobConfig:
+    """TRAINER_BASE on `data_path`, overridden by {'section.key': value}."""
+    values = {**TRAINER_BASE, "data.path": str(data_path), **{k: str(v) for k, v in dotted.items()}}
+    return load_config(None, values)
+
+
+def markov_tokens(rng: np.random.Generator, n: int, length: int, vocab: int) -> np.ndarray:
+    """Sequences from a sparse random Markov chain: learnable, so losses fall."""
+    nxt = rng.integers(0, vocab, size=(vocab, 3))
+    out = np.empty((n, length), dtype=np.int64)
+    out[:, 0] = rng.integers(0, vocab, size=n)
+    choice = rng.integers(0, 3, size=(n, length))
+    for t in range(1, length):
+        out[:, t] = nxt[out[:, t - 1], choice[:, t]]
+    return out
+
+
 def make_token_dataset(out: Path, *, seed: int = 0) -> Path:
     """A prepared data directory of random tokens: 64 train and 8 val windows of SEQ_LEN + 1."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import tiny_config
+from helpers import trainer_config
 from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer
 from fp8lab.train.build import build
@@ -24,7 +24,7 @@ from fp8lab.train.trainer import train
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt-run")
-    train(tiny_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
+    train(trainer_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
                                     "precision.recipe": "fp8-rowwise"}), path)
     return path
 
@@ -43,7 +43,7 @@ def test_layout_and_retention(run):
 
 def test_plain_names_load_with_stock_dcp_into_a_plain_model(run, tiny_data):
     """Names are the unconverted model's: torch's own dcp.load fills a plain model."""
-    b = build(tiny_config(tiny_data))
+    b = build(trainer_config(tiny_data))
     plain = Transformer(b.model_args)
     sd = plain.state_dict()
     reader = FileSystemReader(run / "checkpoints" / "step-4" / "dcp")  # torch's own reader
@@ -173,7 +173,7 @@ def test_stale_writer_leftovers_are_removed_on_start(run, tiny_data, tmp_path):
 def test_a_finished_run_is_not_resaved(run, tiny_data):
     """Re-running a finished run trains nothing and must leave its last checkpoint alone."""
     before = (run / "checkpoints" / "step-4" / "dcp" / ".metadata").stat().st_mtime_ns
-    summary = train(tiny_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
+    summary = train(trainer_config(tiny_data, **{"train.steps": 4, "checkpoint.interval": 1, "checkpoint.keep": 2,
                                               "precision.recipe": "fp8-rowwise"}), run)
     assert summary["steps"] == 4
     assert (run / "checkpoints" / "step-4" / "dcp" / ".metadata").stat().st_mtime_ns == before

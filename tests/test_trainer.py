@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import trainer_config
 from fp8lab.precision import RECIPES, to_plain
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import list_complete, load_model_weights, load_tensors
@@ -32,9 +32,9 @@ def _grads_at_first_step(cfg) -> dict[str, torch.Tensor]:
 
 
 def test_grad_accumulation_4x8_equals_1x32(tiny_data, tmp_path):
-    a = tiny_config(tiny_data, **{"data.micro_batch_size": 8, "train.grad_accum_steps": 4,
+    a = trainer_config(tiny_data, **{"data.micro_batch_size": 8, "train.grad_accum_steps": 4,
                                   "precision.compute_dtype": "fp32"})
-    b = tiny_config(tiny_data, **{"data.micro_batch_size": 32, "train.grad_accum_steps": 1,
+    b = trainer_config(tiny_data, **{"data.micro_batch_size": 32, "train.grad_accum_steps": 1,
                                   "precision.compute_dtype": "fp32"})
     a._run_dir, b._run_dir = tmp_path / "a", tmp_path / "b"
     ga, gb = _grads_at_first_step(a), _grads_at_first_step(b)
@@ -66,18 +66,18 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path, recipe
     else:
         over |= {"precision.recipe": recipe}
     full, part = tmp_path / "full", tmp_path / "part"
-    train(tiny_config(tiny_data, **over), full)
+    train(trainer_config(tiny_data, **over), full)
     # Interrupted after step 5: the newest checkpoint is step 4, so step 5 is redone.
-    assert train(tiny_config(tiny_data, **over, **{"debug.stop_at_step": 5}), part) == {"stopped_at": 5}
+    assert train(trainer_config(tiny_data, **over, **{"debug.stop_at_step": 5}), part) == {"stopped_at": 5}
     assert [s for s, _ in list_complete(part)] == [2, 4]
     assert len(_losses(part)) == 5
-    train(tiny_config(tiny_data, **over), part)
+    train(trainer_config(tiny_data, **over), part)
 
     assert _losses(full) == _losses(part)  # every logged loss, bit for bit
     assert len(_losses(full)) == 7 and all(isinstance(x, float) for x in _losses(full))
     evals = lambda d: [r.get("eval_loss") for r in read_jsonl(d / "metrics.jsonl")]  # noqa: E731
     assert evals(full) == evals(part) and evals(full)[2] is not None
-    cfg = tiny_config(tiny_data, **over)
+    cfg = trainer_config(tiny_data, **over)
     (sf, wf), (sp, wp) = _final_weights(full, cfg), _final_weights(part, cfg)
     assert sf == sp == 7
     assert all(torch.equal(wf[n], wp[n]) for n in wf)
@@ -86,7 +86,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path, recipe
 
 
 def test_loss_falls_and_metrics_fields(tiny_data, tmp_path):
-    summary = train(tiny_config(tiny_data, **{"train.steps": 30, "precision.recipe": "fp8-rowwise"}), tmp_path)
+    summary = train(trainer_config(tiny_data, **{"train.steps": 30, "precision.recipe": "fp8-rowwise"}), tmp_path)
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
     assert last < first - 0.5, (first, last)
@@ -101,23 +101,23 @@ def checkpoints_by_recipe(tiny_data, tmp_path_factory):
     out = {}
     for recipe in RECIPES:
         run = tmp_path_factory.mktemp(f"ckpt-{recipe}")
-        train(tiny_config(tiny_data, **{"train.steps": 2, "precision.recipe": recipe}), run)
+        train(trainer_config(tiny_data, **{"train.steps": 2, "precision.recipe": recipe}), run)
         out[recipe] = list_complete(run)[-1][1]
     return out
 
 
 @pytest.mark.parametrize("dst", list(RECIPES))
 def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpoints_by_recipe, dst):
-    reference = build(tiny_config(tiny_data, **{"precision.recipe": "bf16"}))
+    reference = build(trainer_config(tiny_data, **{"precision.recipe": "bf16"}))
     for src, path in checkpoints_by_recipe.items():
         load_tensors(path, model=reference.model, optimizer=reference.optimizer)
         want = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
-        target = build(tiny_config(tiny_data, **{"precision.recipe": dst}))
+        target = build(trainer_config(tiny_data, **{"precision.recipe": dst}))
         load_tensors(path, model=target.model, optimizer=target.optimizer)
         for name, p in target.model.named_parameters():
             assert torch.equal(to_plain(p), want[name]), (src, dst, name)
         # trained weights, not the init: the optimizer stepped twice
-        fresh = build(tiny_config(tiny_data, **{"precision.recipe": dst})).model
+        fresh = build(trainer_config(tiny_data, **{"precision.recipe": dst})).model
         assert not torch.equal(to_plain(fresh.layers["0"].attention.wq.weight),
                                to_plain(target.model.layers["0"].attention.wq.weight))
         x, _ = target.loader.next_batch()
@@ -126,7 +126,7 @@ def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpo
 
 
 def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path):
-    trainer = Trainer(tiny_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
+    trainer = Trainer(trainer_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
     b = trainer.b
     assert trainer.train_step(1, [b.loader.next_batch()]).stepped  # a normal step first: state exists
 
@@ -146,7 +146,7 @@ def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp
 
 
 def test_nonfinite_step_is_logged_not_silent(tiny_data, tmp_path):
-    summary = train(tiny_config(tiny_data, **{"debug.inject_nan_at_step": 3}), tmp_path)
+    summary = train(trainer_config(tiny_data, **{"debug.inject_nan_at_step": 3}), tmp_path)
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert recs[2]["skipped"] == "nonfinite" and recs[2]["loss"] is None
     assert all("skipped" not in r for i, r in enumerate(recs) if i != 2)
@@ -158,7 +158,7 @@ def test_nonfinite_step_is_logged_not_silent(tiny_data, tmp_path):
 def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tiny_config(tiny_data, **{"logging.tensorboard": "true"}), tmp_path)
+    train(trainer_config(tiny_data, **{"logging.tensorboard": "true"}), tmp_path)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     logged = [(e.step, e.value) for e in acc.Scalars("loss")]
@@ -180,23 +180,23 @@ def test_resume_on_different_data_is_refused(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     over = {"checkpoint.interval": 2, "debug.stop_at_step": 3}
-    train(tiny_config(data, **over), tmp_path / "run")
+    train(trainer_config(data, **over), tmp_path / "run")
     shutil.rmtree(data)
     write_dataset(data, train=[np.arange(512 * 33).reshape(512, 33) % 64], val=[np.zeros((32, 33), dtype=np.int64)],
                   seq_len=32, vocab_size=64, eos_id=None, tokenizer={"type": "synthetic"}, sources=[])
     with pytest.raises(FP8LabError, match="is not the data this run was trained on"):
-        train(tiny_config(data, **over), tmp_path / "run")
+        train(trainer_config(data, **over), tmp_path / "run")
 
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny_data, tmp_path):
     from fp8lab.errors import FP8LabError
 
-    train(tiny_config(tiny_data, **{"checkpoint.interval": 2, "debug.stop_at_step": 5}), tmp_path)
+    train(trainer_config(tiny_data, **{"checkpoint.interval": 2, "debug.stop_at_step": 5}), tmp_path)
     with pytest.raises(FP8LabError, match="train.steps=3 is below the step of the newest checkpoint \\(4\\)"):
-        train(tiny_config(tiny_data, **{"checkpoint.interval": 2, "train.steps": 3}), tmp_path)
+        train(trainer_config(tiny_data, **{"checkpoint.interval": 2, "train.steps": 3}), tmp_path)
 
 
 def test_final_eval_is_in_the_last_metrics_record(tiny_data, tmp_path):
-    summary = train(tiny_config(tiny_data), tmp_path)
+    summary = train(trainer_config(tiny_data), tmp_path)
     last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 6 and last["eval_loss"] == summary["final_eval_loss"]
