@@ -30,8 +30,8 @@ def _cmd_recipes(args: argparse.Namespace, rest: list[str]) -> int:
     from fp8lab.precision.recipes import RECIPES
 
     for r in RECIPES.values():
-        need = f"sm_{r.min_capability[0]}{r.min_capability[1]}+" if r.min_capability else "any"
-        print(f"{r.name:<18} {need:<8} {r.summary}")
+        tail = "; emulated on CPU, refused on other GPUs" if r.is_low_precision else ""
+        print(f"{r.name:<18} {r.summary}\n{'':<18} runs on: {r.hardware}{tail}")
     return 0
 
 

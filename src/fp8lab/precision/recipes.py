@@ -18,32 +18,36 @@ class Recipe:
     min_capability: tuple[int, int] | None  # CUDA compute capability for the real kernels
     dim_multiple: int  # in/out features must be multiples of this to convert
     summary: str
+    hardware: str  # what runs it natively, in words (capability.py enforces it)
 
     @property
     def is_low_precision(self) -> bool:
         return self.kind != "none"
 
 
+_FP8_HW = "sm_89+ (Ada, Hopper, Blackwell)"
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("bf16", "none", None, None, 1,
-               "BF16 autocast, fp32 master weights: the production baseline"),
+               "BF16 autocast, fp32 master weights: the production baseline", "any CUDA GPU with bf16; CPU"),
         # Per-tensor dynamic scales; one cuBLAS FP8 GEMM per matmul. Fastest on H100-class
         # GPUs for large GEMMs and the only one FSDP2 float8 all-gather supports.
         Recipe("fp8-tensorwise", "float8", "tensorwise", (8, 9), 16,
-               "FP8 e4m3 fwd / e5m2 grads, one scale per tensor (fastest)"),
+               "FP8 e4m3 fwd / e5m2 grads, one scale per tensor (fastest)", _FP8_HW),
         # One scale per row: an outlier only costs its own row's resolution. Scales are
         # rounded to powers of two; uses the CUTLASS rowwise kernel.
         Recipe("fp8-rowwise", "float8", "rowwise", (8, 9), 16,
-               "FP8 e4m3 everywhere, one scale per row (more robust to outliers)"),
+               "FP8 e4m3 everywhere, one scale per row (more robust to outliers)", _FP8_HW),
         # Rowwise for output and grad_input, but grad_weight in high precision: the most
         # accurate float8 recipe, at the cost of one of three GEMMs.
         Recipe("fp8-rowwise-gw-hp", "float8", "rowwise_with_gw_hp", (8, 9), 16,
-               "rowwise FP8 with the weight-gradient GEMM kept in high precision (most accurate)"),
+               "rowwise FP8 with the weight-gradient GEMM kept in high precision (most accurate)", _FP8_HW),
         # OCP microscaling: e8m0 scale per 32 elements along K; needs Blackwell tensor cores.
         Recipe("mxfp8", "mxfp8", "mxfp8_rceil", (10, 0), 32,
-               "MXFP8, one power-of-two scale per 32 elements (Blackwell)"),
+               "MXFP8, one power-of-two scale per 32 elements (Blackwell)",
+               "sm_100 (B200, GB200); sm_12x (RTX 50xx) only where a kernel probe passes"),
     )
 }
 
