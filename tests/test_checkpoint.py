@@ -18,6 +18,7 @@ from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
     MARKER, SafeFileSystemReader, list_complete, load_model_weights, newest_complete, prune, read_state,
 )
+from fp8lab.train.logs import read_jsonl
 from fp8lab.train.trainer import train
 
 
@@ -33,7 +34,7 @@ def test_layout_and_retention(run):
     steps = [s for s, _ in list_complete(run)]
     assert steps == [3, 4]  # keep=2
     ckpt = run / "checkpoints" / "step-4"
-    assert sorted(p.name for p in ckpt.iterdir()) == [MARKER, "dcp", "state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [MARKER, "dcp", "manifest.json", "state.json"]
     state = read_state(ckpt)
     assert state["step"] == 4 and state["recipe"] == "fp8-rowwise"
     assert set(state) >= {"rng", "data", "model_args", "tokens"}
@@ -90,6 +91,9 @@ def test_metadata_that_would_run_code_is_refused(run, tmp_path):
 
     (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
     model = Transformer(read_args(run))
+    with pytest.raises(FP8LabError, match="damaged: dcp/.metadata"):
+        load_model_weights(ckpt, model)  # caught by the manifest first
+    reseal(ckpt)
     with pytest.raises(FP8LabError, match="posix.system|os.system|not allowed"):
         load_model_weights(ckpt, model)
     assert not canary.exists()
@@ -118,6 +122,14 @@ def test_missing_tensor_is_a_clear_error_not_a_base_exception(run):
         load_model_weights(run / "checkpoints" / "step-4", Transformer(args))
 
 
+def reseal(ckpt):
+    """Rewrite the checkpoint's manifest to match its files, as an attacker who can write
+    the folder would: the checks after the manifest must stand on their own."""
+    from fp8lab.train.checkpoint import MANIFEST, _file_manifest
+
+    (ckpt / MANIFEST).write_text(json.dumps(_file_manifest(ckpt)))
+
+
 def _rewrite_metadata(ckpt, change):
     """Load a checkpoint's DCP metadata (trusted here: we wrote it), change it, write it back."""
     path = ckpt / "dcp" / ".metadata"
@@ -125,6 +137,7 @@ def _rewrite_metadata(ckpt, change):
         md = pickle.load(f)
     change(md)
     path.write_bytes(pickle.dumps(md))
+    reseal(ckpt)
 
 
 def test_metadata_that_turns_a_tensor_into_bytes_is_refused(run, tmp_path):
@@ -177,3 +190,87 @@ def test_a_finished_run_is_not_resaved(run, tiny_data):
                                               "precision.recipe": "fp8-rowwise"}), run)
     assert summary["steps"] == 4
     assert (run / "checkpoints" / "step-4" / "dcp" / ".metadata").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-marker"])
+def test_a_damaged_newest_checkpoint_is_reported_and_skipped_on_resume(tiny_data, tmp_path, damage):
+    over = {"train.steps": 8, "checkpoint.interval": 2, "checkpoint.keep": 3, "debug.stop_at_step": 6}
+    train(trainer_config(tiny_data, **over), tmp_path)
+    newest = tmp_path / "checkpoints" / "step-6"
+    payload = newest / "dcp" / "__0_0.distcp"
+    if damage == "truncate":
+        payload.write_bytes(payload.read_bytes()[:-100])
+    elif damage == "flip":
+        raw = bytearray(payload.read_bytes())
+        raw[len(raw) // 2] ^= 0x01  # one bit inside a tensor payload: DCP alone would load it silently
+        payload.write_bytes(bytes(raw))
+    else:
+        (newest / MARKER).unlink()
+    summary = train(trainer_config(tiny_data, **{**over, "train.steps": 8, "debug.stop_at_step": 0}), tmp_path)
+    events = read_jsonl(tmp_path / "events.jsonl")
+    resume = [e for e in events if e["kind"] == "resume"][-1]
+    assert "step-4" in resume["message"] and summary["steps"] == 8
+    if damage == "no-marker":  # an incomplete folder: removed as a killed writer's leftover
+        assert any(e["kind"] == "cleanup" and "step-6" in e["message"] for e in events)
+    else:
+        bad = [e for e in events if e["kind"] == "damaged"]
+        assert len(bad) == 1 and "step-6" in bad[0]["message"]
+        assert ("truncated" if damage == "truncate" else "sha256") in bad[0]["message"]
+        assert (tmp_path / "checkpoints" / "step-6.damaged").is_dir()  # kept for inspection, never loaded
+
+
+def test_a_pickle_inside_a_tensor_payload_never_runs(run, tmp_path):
+    """DCP reads tensor payloads with torch.load(weights_only=True); even with a manifest
+    rewritten to match, a pickled payload is refused, and there is no unsafe retry."""
+    import shutil
+
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(run / "checkpoints" / "step-4", ckpt)
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    payload = ckpt / "dcp" / "__0_0.distcp"
+    size = payload.stat().st_size
+    evil = pickle.dumps(Evil())
+    payload.write_bytes((evil * (size // len(evil) + 1))[:size])  # same size: every offset now holds a pickle
+    reseal(ckpt)
+    with pytest.raises(FP8LabError, match="could not be loaded"):
+        load_model_weights(ckpt, Transformer(read_args(run)))
+    assert not canary.exists()
+
+
+def test_prune_keeps_the_last_good_checkpoint_whatever_keep_says(tmp_path):
+    for s in (2, 4, 6, 8):
+        d = tmp_path / "checkpoints" / f"step-{s}"
+        d.mkdir(parents=True)
+        (d / MARKER).write_text(f"{s}\n")
+    (tmp_path / "checkpoints" / "step-10").mkdir()  # incomplete: not counted, not touched by prune
+    prune(tmp_path, keep=2, protect=(2,))
+    assert [s for s, _ in list_complete(tmp_path)] == [2, 6, 8]
+    assert (tmp_path / "checkpoints" / "step-10").is_dir()
+
+
+def test_rng_and_loader_restore_give_the_same_next_numbers_and_batches(tiny_data):
+    import random
+
+    import numpy as np
+
+    from fp8lab.train.rng import capture_rng, restore_rng
+
+    b = build(trainer_config(tiny_data))
+    for _ in range(3):
+        b.loader.next_batch()
+    state, loader_state = capture_rng(), b.loader.state_dict()
+    json.loads(json.dumps(state))  # JSON all the way
+    first = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)],
+             [b.loader.next_batch() for _ in range(70)])  # 70 > one epoch (64 batches): crosses the boundary
+    restore_rng(state)
+    fresh = build(trainer_config(tiny_data)).loader
+    fresh.load_state_dict(loader_state)
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)],
+             [fresh.next_batch() for _ in range(70)])
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    assert all(torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]) for a, b_ in zip(first[3], again[3]))

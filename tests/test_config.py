@@ -183,7 +183,7 @@ def test_bad_choice_lists_allowed_values(key, value, match):
     ("train.eval_interval", "-5", r"train\.eval_interval=-5 must be >= 0"),
     ("model.dim", "-64", r"model\.dim=-64 must be > 0"),
     ("data.micro_batch_size", "0", r"data\.micro_batch_size=0 must be > 0"),
-    ("checkpoint.keep", "0", r"checkpoint\.keep=0 must be > 0"),
+    ("checkpoint.keep", "1", r"checkpoint\.keep=1 must be >= 2"),
     ("checkpoint.interval", "-1", r"checkpoint\.interval=-1 must be >= 0"),
     ("debug.stop_at_step", "-2", r"debug\.stop_at_step=-2 must be >= 0"),
     ("optim.lr", "-0.1", r"optim\.lr=-0\.1 must be > 0"),

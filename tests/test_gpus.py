@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from fp8lab.bench.gpus import GPUS, GPUSpec, bf16_peak_tflops, get_gpu, lookup_gpu
+from fp8lab.bench.gpus import (ADVISOR_RATES, ADVISOR_RATES_WHY, GPUS, MEASURED_GEMMS, GPUSpec, bf16_peak_tflops,
+                               get_gpu, lookup_gpu)
 from fp8lab.errors import FP8LabError
 
 NUMERIC = ("bf16_dense_tflops", "fp8_fp32acc_tflops", "fp8_fp16acc_tflops", "mxfp8_tflops",
@@ -131,3 +132,27 @@ def test_bf16_peak():
     assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bf16_peak_tflops("NVIDIA GeForce RTX 5090") == 209.5
+
+
+def test_advisor_rate_choice_is_explained():
+    assert set(ADVISOR_RATES) == EXPECTED_IDS
+    for gpu_id, source in ADVISOR_RATES.items():
+        assert source in ("vendor", "microbench")
+        if source == "microbench":
+            # a non-vendor choice says why, and the numbers it picks exist with their sources
+            assert len(ADVISOR_RATES_WHY[gpu_id]) > 100
+            alts = GPUS[gpu_id].alternatives
+            assert {"bf16_dense_tflops", "fp8_fp32acc_tflops", "mxfp8_tflops"} <= set(alts)
+    assert ADVISOR_RATES["rtx5090"] == "microbench"
+
+
+def test_rtx5090_keeps_both_sources():
+    s = GPUS["rtx5090"]
+    for f in ("bf16_dense_tflops", "fp8_fp32acc_tflops", "mxfp8_tflops"):
+        assert "whitepaper" in s.sources[f].lower()
+        assert "main-horse" in s.alternatives[f][1]
+    for what, value, source in MEASURED_GEMMS["rtx5090"]:
+        assert what and value > 0 and "github.com" in source
+    # the whole-GEMM bf16 measurement lies between the whitepaper and the microbenchmark
+    bf16_gemm = MEASURED_GEMMS["rtx5090"][0][1]
+    assert s.bf16_dense_tflops < bf16_gemm < s.alternatives["bf16_dense_tflops"][0]

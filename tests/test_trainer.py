@@ -12,7 +12,7 @@ from helpers import trainer_config
 from fp8lab.precision import RECIPES, to_plain
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import list_complete, load_model_weights, load_tensors
-from fp8lab.train.rundir import read_jsonl
+from fp8lab.train.logs import read_jsonl
 from fp8lab.train.trainer import Trainer, train
 
 
@@ -136,7 +136,7 @@ def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp
         return params, state
 
     before = snapshot()
-    result = trainer.train_step(2, [b.loader.next_batch()])
+    result = trainer.train_step(2, [b.loader.next_batch()], drill=math.nan)  # what inject_nan_at_step does
     assert not result.stepped and math.isnan(result.loss)
     after = snapshot()
     assert before[0].keys() == after[0].keys() and before[1].keys() == after[1].keys()

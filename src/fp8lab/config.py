@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import tomli_w
 
+from fp8lab.bench.gpus import GPUS
 from fp8lab.errors import FP8LabError
 from fp8lab.models.presets import PRESETS
 from fp8lab.precision.recipes import RECIPES
@@ -62,11 +63,12 @@ class ModelConfig:
     n_kv_heads: Optional[int] = opt(None, "override the preset's key/value heads (grouped-query attention)")
     ffn_dim: Optional[int] = opt(None, "override the preset's SwiGLU hidden size")
     tie_embeddings: Optional[bool] = opt(None, "override whether the output head shares the embedding weights")
+    max_seq_len: Optional[int] = opt(None, "override the preset's maximum sequence length")
 
     def __post_init__(self):
         _check_choices(self, "model")
         _positive("model", self, "vocab_size", allow_zero=True)
-        _positive("model", self, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+        _positive("model", self, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
 
 
 @dataclass
@@ -140,9 +142,12 @@ class PrecisionConfig:
                        choices=("auto", "on", "off"))
     skip_modules: list[str] = opt(["output"], "linears left in high precision: exact names, name suffixes "
                                          "(e.g. 'w2') or fnmatch patterns (e.g. 'layers.0.*')")
-    filter_mode: str = opt("all", "which eligible linears to convert: all, or heuristic (TorchAO's "
-                                  "H100 size rules: small GEMMs stay high precision)",
-                           choices=("all", "heuristic"))
+    filter_mode: str = opt("all", "which eligible linears to convert: all; heuristic (TorchAO's H100 size "
+                                  "rules); roofline (only shapes predicted to win on precision.filter_gpu); "
+                                  "auto (time each shape on this GPU at start-up, cached; roofline on CPU)",
+                           choices=("all", "heuristic", "auto", "roofline"))
+    filter_gpu: str = opt("auto", "GPU the roofline filter judges for: auto = this device's (on CPU: h100-sxm, "
+                                  "b200 for mxfp8)", choices=("auto", *GPUS))
     compile: str = opt("auto", "torch.compile the model: auto = on for CUDA, off for CPU",
                        choices=("auto", "on", "off"))
 
@@ -155,18 +160,52 @@ class PrecisionConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = opt(50, "save a checkpoint every N steps, and at the end (0: only at the end)")
-    keep: int = opt(3, "complete checkpoints kept (the newest is never deleted)")
+    keep: int = opt(3, "complete checkpoints kept, at least 2 (the newest complete one and the last "
+                       "good one are never deleted, whatever this says)")
     at_end: bool = opt(True, "save a checkpoint when training ends (off for throughput benchmarks)")
 
     def __post_init__(self):
         _positive("checkpoint", self, "interval", allow_zero=True)
-        _positive("checkpoint", self, "keep")
+        if self.keep < 2:
+            raise FP8LabError(f"checkpoint.keep={self.keep} must be >= 2: one to resume from while the next is written")
+
+
+DEFAULT_LADDER = ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp", "bf16"]
 
 
 @dataclass
 class GuardConfig:
     skip_nonfinite: bool = opt(True, "a non-finite loss or gradient norm skips the optimizer step "
                                      "(parameters and optimizer state untouched) and is logged")
+    rollback: bool = opt(True, "on a loss spike or repeated non-finite steps: restore the last good "
+                               "checkpoint, skip the data that led there, go one rung down the ladder")
+    spike_zscore: float = opt(6.0, "a spike lies this many standard deviations above the rolling mean ...")
+    spike_ratio: float = opt(1.5, "... and at least this many times the rolling mean (batch-to-batch noise "
+                                  "has heavy tails: a 6-sigma wiggle alone is not a divergence)")
+    spike_window: int = opt(50, "steps in the rolling loss window")
+    warmup_steps: int = opt(10, "no spike alarms before this many finite losses are in the window")
+    min_rel_std: float = opt(0.01, "floor on the window's standard deviation, as a fraction of its mean "
+                                   "(a very smooth curve must not make every wiggle a spike)")
+    max_nonfinite_streak: int = opt(3, "this many non-finite steps in a row trigger a rollback")
+    ladder: list[str] = opt(DEFAULT_LADDER, "recipes to fall back through, safest last")
+    per_layer: bool = opt(False, "fall back per layer: move the converted layers with the worst FP8 "
+                                 "telemetry to bf16 first, and change the recipe only when none are left")
+    layers_per_rollback: float = opt(0.25, "with per_layer: the fraction of converted layers moved to bf16 "
+                                           "per rollback")
+    max_rollbacks: int = opt(3, "rollbacks allowed before the run stops cleanly")
+    skip_steps: int = opt(5, "steps' worth of data skipped before the alarm step (the data that led to it)")
+    good_after_steps: int = opt(20, "a checkpoint counts as good once this many alarm-free steps follow it; "
+                                    "rollbacks go to the last good one")
+
+    def __post_init__(self):
+        _positive("guard", self, "spike_zscore", "spike_ratio", "spike_window", "max_nonfinite_streak")
+        _positive("guard", self, "warmup_steps", "min_rel_std", "max_rollbacks", "skip_steps",
+                  "good_after_steps", allow_zero=True)
+        if not 0.0 < self.layers_per_rollback <= 1.0:
+            raise FP8LabError(f"guard.layers_per_rollback={self.layers_per_rollback} must lie in (0, 1]")
+        unknown = [r for r in self.ladder if r not in RECIPES]
+        if unknown or not self.ladder:
+            raise FP8LabError(f"guard.ladder={self.ladder!r}: unknown recipes {unknown}; known: {', '.join(RECIPES)}")
 
 
 @dataclass
@@ -184,20 +223,29 @@ class LoggingConfig:
     progress: str = opt("auto", "progress bar: auto = when the console is a terminal",
                         choices=("auto", "on", "off"))
     tensorboard: bool = opt(False, "also write the metrics to RUN/tensorboard (needs the tensorboard extra)")
+    telemetry_interval: int = opt(0, "per-layer FP8 telemetry to RUN/telemetry.jsonl every N steps (0: off; "
+                                     "it costs a few extra passes over each converted layer's tensors)")
 
     def __post_init__(self):
         _check_choices(self, "logging")
         _positive("logging", self, "log_interval")
+        _positive("logging", self, "telemetry_interval", allow_zero=True)
 
 
 @dataclass
 class DebugConfig:
-    inject_nan_at_step: int = opt(0, "make the loss NaN at this step (fault drill for the guard; 0: off)")
+    inject_nan_at_step: int = opt(0, "make the loss NaN on the data batch that this step first trains on "
+                                     "(fault drill for the guard; it follows the data, so skipping that "
+                                     "data after a rollback removes it; 0: off)")
+    inject_spike_at_step: int = opt(0, "multiply the loss by inject_spike_factor on the data batch that this "
+                                       "step first trains on (fault drill, like inject_nan_at_step; 0: off)")
+    inject_spike_factor: float = opt(5.0, "loss multiplier of the injected spike")
     stop_at_step: int = opt(0, "stop after this step without the final checkpoint, as if interrupted "
                                "(resume drill; 0: off)")
 
     def __post_init__(self):
-        _positive("debug", self, "inject_nan_at_step", "stop_at_step", allow_zero=True)
+        _positive("debug", self, "inject_nan_at_step", "inject_spike_at_step", "stop_at_step", allow_zero=True)
+        _positive("debug", self, "inject_spike_factor")
 
 
 @dataclass

@@ -72,7 +72,7 @@ def test_compiled_training_on_gpu(recipe, tmp_path):
 
     from fp8lab.config import load_config
     from fp8lab.data import write_dataset
-    from fp8lab.train.rundir import read_jsonl
+    from fp8lab.train.logs import read_jsonl
     from fp8lab.train.trainer import train
 
     rng = np.random.default_rng(0)

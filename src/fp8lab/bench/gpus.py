@@ -88,7 +88,8 @@ GPUS: dict[str, GPUSpec] = {
         # throttled. The field keeps the whitepaper figure because it is the vendor's published
         # peak and what other tools use; consequence: measured BF16 MFU on a 5090 can exceed
         # 100%, and FP8 (per-tensor, FP32acc) gains little over BF16 while MXFP8 may double it.
-        # The advisor should prefer ``alternatives`` when predicting FP8 gains on this card.
+        # The advisor uses ``alternatives`` for this card (ADVISOR_RATES says why), and the
+        # card's own measured rates once `fp8lab doctor` has run on it (bench/measure.py).
         bf16_dense_tflops=209.5, fp8_fp32acc_tflops=419.0, fp8_fp16acc_tflops=838.0,
         mxfp8_tflops=419.0, mem_bandwidth_gbs=1792.0, mem_gb=32.0,
         sources={"compute_capability": CC_DOC, "bf16_dense_tflops": RTX_BW_WP,
@@ -168,6 +169,31 @@ GPUS: dict[str, GPUSpec] = {
         sources={"bf16_dense_tflops": MI300X_DS, "fp8_fp32acc_tflops": MI300X_DS,
                  "mem_bandwidth_gbs": MI300X_DS, "mem_gb": MI300X_DS},
         # torchtitan's MFU constant rounds this to 1300 (torchtitan/tools/utils.py).
+    ),
+}
+
+# Where `fp8lab advise` takes each GPU's rates from unless told otherwise (--rates), and why.
+# "vendor": the fields above; "microbench": the fields' ``alternatives``. A measurement by
+# `fp8lab doctor` on the card itself beats both (advise --rates auto picks it when cached).
+ADVISOR_RATES: dict[str, str] = {gpu_id: "vendor" for gpu_id in GPUS} | {"rtx5090": "microbench"}
+ADVISOR_RATES_WHY: dict[str, str] = {
+    "rtx5090": (
+        "main-horse's mmapeak microbenchmark rather than NVIDIA's whitepaper: the only source that "
+        "measures BF16, FP8-fp32acc and MXFP8 on the card with one method, and the whitepaper's BF16 "
+        "figure (209.5) is below every measurement (370.6 in mmapeak; ~235 for torch.matmul, see "
+        "MEASURED_GEMMS). Caveat: mmapeak runs on zeros in registers, and a real FP8 GEMM reached "
+        "388.9 TFLOP/s (MEASURED_GEMMS), above mmapeak's FP8-fp32acc 370: tensorwise may gain more "
+        "than predicted. `fp8lab doctor` on the card measures its own rates; advise then uses them"),
+}
+
+# Whole-GEMM measurements on random data that bear on the disagreement above (TFLOP/s). They
+# are achieved rates of one kernel at one shape, not peaks, so they do not fill the fields.
+MEASURED_GEMMS: dict[str, tuple[tuple[str, float, str], ...]] = {
+    "rtx5090": (
+        ("bf16 torch.matmul 8192x8192, random, torch 2.7/2.8", 234.9,
+         "github.com/zzc0721/torch-performance-test-data issues #96 (234.89) and #124 (234.66)"),
+        ("fp8 e4m3 rowwise torch._scaled_mm (CUTLASS 3.x), 4096^3, randn", 388.9,
+         "github.com/pytorch/pytorch/pull/155991 (sm_120 rowwise scaled-mm, benchmark table)"),
     ),
 }
 

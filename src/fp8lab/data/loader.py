@@ -1,10 +1,17 @@
 """The training loader: deterministic, resumable, rank-sharded batches from a Split.
 
 The order of epoch e depends only on (seed, e), so the loader state is just two integers and
-a resumed run sees exactly the batches an uninterrupted one would have seen.
+a resumed run sees exactly the batches an uninterrupted one would have seen. Batch (e, p) is a
+pure function of the data and those numbers, which is also what lets a background thread
+compute batches ahead (`prefetch`) without changing a single one of them.
 """
 
 from __future__ import annotations
+
+import functools
+import queue
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -12,17 +19,66 @@ import torch
 from fp8lab.data.dataset import Split
 from fp8lab.errors import FP8LabError
 
+IGNORE_INDEX = -100  # the target id that carries no loss (torch cross_entropy's default ignore_index)
+
 
 def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _to_pair(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_pair(windows: np.ndarray, *, pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # Converting each half straight from the narrow dtype writes the same bytes as converting the
     # window once and copying the inputs, but leaves both tensors contiguous.
     inputs = torch.from_numpy(windows[:, :-1].astype(np.int64))
-    targets = torch.from_numpy(windows[:, 1:].astype(np.int64))
+    shifted = windows[:, 1:]
+    targets = shifted.astype(np.int64)
+    if pad_id is not None:
+        # Inputs keep the pad id (a valid embedding row; its outputs are all masked), targets lose it.
+        targets[shifted == pad_id] = IGNORE_INDEX
+    return inputs, torch.from_numpy(targets)
+
+
+def _epoch_order(epoch: int, *, n: int, seed: int, rank: int, world_size: int, per_rank: int, shuffle: bool):
+    perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return perm[rank::world_size][:per_rank]
+
+
+def _make_batch(split: Split, rows: np.ndarray, *, vocab_size: int | None, pin: bool):
+    windows = split.take(rows)  # rows come from our own permutation: always in range
+    if vocab_size is not None:
+        top = int(windows.max())
+        if top >= vocab_size:
+            raise FP8LabError(
+                f"data {split.path} (split {split.name!r}) contains token id {top} but the model's "
+                f"vocab_size is {vocab_size}; raise model.vocab_size to at least {top + 1} "
+                "or re-tokenize the data"
+            )
+    inputs, targets = _to_pair(windows, pad_id=split.pad_id)
+    if pin:
+        inputs, targets = inputs.pin_memory(), targets.pin_memory()
     return inputs, targets
+
+
+def _prefetch_worker(q: queue.Queue, stop: threading.Event, *, make, order_of, epoch, position, per_epoch, batch):
+    # Holds no reference to the loader, so a dropped loader is collected and its finalizer stops us.
+    order = order_of(epoch)
+    while not stop.is_set():
+        if position == per_epoch:
+            epoch, position = epoch + 1, 0
+            order = order_of(epoch)
+        try:
+            item = (make(order[position * batch : (position + 1) * batch]), None)
+        except BaseException as e:  # handed to the consumer, raised there when it asks for this batch
+            item = (None, e)
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if item[1] is not None:
+            return
+        position += 1
 
 
 class TokenLoader:
@@ -31,6 +87,12 @@ class TokenLoader:
     Each epoch is a seeded permutation of the split; rank r takes perm[r::world_size], cut to
     the same length on every rank, so no sequence is served twice per epoch across ranks.
     Batches never straddle epochs: the partial tail of each rank's order is dropped.
+    Data prepared with padding (a pad id) yields IGNORE_INDEX targets at the padded positions.
+
+    `prefetch=N` computes up to N batches ahead in a background thread (same batches, same
+    state); `pin_memory=True` pins them for fast, asynchronous host-to-GPU copies (needs CUDA).
+    The default, synchronous path keeps CPU runs free of threads. `max_seq_len` refuses data
+    whose sequences are longer than the model can take.
     """
 
     def __init__(
@@ -43,14 +105,27 @@ class TokenLoader:
         world_size: int = 1,
         shuffle: bool = True,
         vocab_size: int | None = None,
+        max_seq_len: int | None = None,
+        prefetch: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("world_size", world_size, 1)):
             if not _is_int(value) or value < low:
                 raise FP8LabError(f"{name} must be an integer >= {low}, got {value!r}")
         if not _is_int(rank) or not 0 <= rank < world_size:
             raise FP8LabError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-        if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
-            raise FP8LabError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
+        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise FP8LabError(f"{name} must be a positive integer or None, got {value!r}")
+        if not _is_int(prefetch) or prefetch < 0:
+            raise FP8LabError(f"prefetch must be an integer >= 0 (batches computed ahead), got {prefetch!r}")
+        if pin_memory and not torch.cuda.is_available():
+            raise FP8LabError("pin_memory=True needs a CUDA device (pinned host memory is for GPU copies)")
+        if max_seq_len is not None and split.seq_len > max_seq_len:
+            raise FP8LabError(
+                f"data {split.path} has sequences of {split.seq_len} tokens but the model's max_seq_len is "
+                f"{max_seq_len}; prepare the data with --seq-len {max_seq_len} or less, or use a longer model"
+            )
         self.split = split
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -68,6 +143,19 @@ class TokenLoader:
                 f"(batch_size {self.batch_size} x world_size {self.world_size}); "
                 "lower the batch size or prepare more data"
             )
+        self.prefetch = int(prefetch)
+        self.pin_memory = bool(pin_memory)
+        self._order_of = functools.partial(
+            _epoch_order,
+            n=len(split),
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            per_rank=self._per_rank,
+            shuffle=shuffle,
+        )
+        self._make = functools.partial(_make_batch, split, vocab_size=vocab_size, pin=self.pin_memory)
+        self._worker: tuple[queue.Queue, threading.Event, threading.Thread] | None = None
         self._epoch = 0
         self._position = 0
         self._order = self._epoch_order(0)
@@ -86,28 +174,58 @@ class TokenLoader:
         return self.batch_size * self.seq_len
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        n = len(self.split)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return perm[self.rank :: self.world_size][: self._per_rank]
+        return self._order_of(epoch)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) pair; rolls over to the next epoch when this one is used up."""
-        if self._position == self.batches_per_epoch:
-            self._epoch += 1
-            self._position = 0
-            self._order = self._epoch_order(self._epoch)
-        start = self._position * self.batch_size
-        windows = self.split.gather(self._order[start : start + self.batch_size])
-        if self.vocab_size is not None:
-            top = int(windows.max())
-            if top >= self.vocab_size:
-                raise FP8LabError(
-                    f"data {self.split.path} (split {self.split.name!r}) contains token id {top} but the model's "
-                    f"vocab_size is {self.vocab_size}; raise model.vocab_size to at least {top + 1} "
-                    "or re-tokenize the data"
-                )
+        if self.prefetch:
+            batch = self._next_prefetched()
+        else:
+            if self._position == self.batches_per_epoch:
+                self._epoch += 1
+                self._position = 0
+                self._order = self._epoch_order(self._epoch)
+            start = self._position * self.batch_size
+            batch = self._make(self._order[start : start + self.batch_size])
         self._position += 1
-        return _to_pair(windows)
+        return batch
+
+    def _next_prefetched(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._position == self.batches_per_epoch:
+            self._epoch, self._position = self._epoch + 1, 0
+        if self._worker is None:
+            q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=_prefetch_worker,
+                args=(q, stop),
+                kwargs={
+                    "make": self._make,
+                    "order_of": self._order_of,
+                    "epoch": self._epoch,
+                    "position": self._position,
+                    "per_epoch": self.batches_per_epoch,
+                    "batch": self.batch_size,
+                },
+                name="fp8lab-prefetch",
+                daemon=True,
+            )
+            weakref.finalize(self, stop.set)
+            thread.start()
+            self._worker = (q, stop, thread)
+        batch, error = self._worker[0].get()
+        if error is not None:
+            self.close()  # the worker stopped at this batch; the next call starts over from it
+            raise error
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any (a later next_batch starts a new one)."""
+        if self._worker is not None:
+            _, stop, thread = self._worker
+            stop.set()
+            thread.join()
+            self._worker = None
 
     def __iter__(self):
         while True:
@@ -131,6 +249,7 @@ class TokenLoader:
                 f"batch_size {self.batch_size} x world_size {self.world_size}), got {position!r}; "
                 "resume with the batch size and world size of the checkpointed run"
             )
+        self.close()  # batches computed ahead belong to the old position
         if int(epoch) != self._epoch:
             self._order = self._epoch_order(int(epoch))
         self._epoch, self._position = int(epoch), int(position)
@@ -152,4 +271,4 @@ def eval_batches(split: Split, *, batch_size: int, num_batches: int) -> list[tup
         )
     count = min(num_batches, available)
     windows = split.gather(np.arange(count * batch_size))
-    return [_to_pair(windows[i * batch_size : (i + 1) * batch_size]) for i in range(count)]
+    return [_to_pair(windows[i * batch_size : (i + 1) * batch_size], pad_id=split.pad_id) for i in range(count)]

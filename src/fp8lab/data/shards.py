@@ -20,10 +20,14 @@ from fp8lab.fsutil import fsync_dir
 
 HEADER_BYTES = 256
 MAGIC = b"FP8LTOK\x00"
-FORMAT_VERSION = 1
+# Version 2 added pad_id (--no-pack data). A version-1 header has zeros where pad_id now sits
+# and otherwise the same layout, so version-1 shards are still read (as shards without padding).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 NO_EOS = 0xFFFFFFFF
-# magic, version, itemsize, seq_len, count, vocab_size, eos_id; the rest of the 256 bytes is zero.
-_HEADER = struct.Struct("<8sIIIQII")
+NO_PAD = 0xFFFFFFFF
+# magic, version, itemsize, seq_len, count, vocab_size, eos_id, pad_id; the rest of the 256 bytes is zero.
+_HEADER = struct.Struct("<8sIIIQIII")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _MAX_VOCAB = 2**32 - 1  # ids must fit uint32 and stay distinct from NO_EOS
 
@@ -38,6 +42,7 @@ class Shard:
     vocab_size: int
     eos_id: int | None
     tokens: np.ndarray
+    pad_id: int | None = None  # target positions holding this id carry no loss
 
     @property
     def nbytes(self) -> int:
@@ -63,11 +68,12 @@ def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _check_vocab(*, path: Path, vocab_size: int, eos_id: int | None) -> None:
+def _check_vocab(*, path: Path, vocab_size: int, eos_id: int | None, pad_id: int | None = None) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= _MAX_VOCAB:
         raise FP8LabError(f"{path}: vocab_size must be an integer in [1, {_MAX_VOCAB}], got {vocab_size!r}")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size):
-        raise FP8LabError(f"{path}: eos_id must be None or an integer in [0, {vocab_size}), got {eos_id!r}")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size):
+            raise FP8LabError(f"{path}: {name} must be None or an integer in [0, {vocab_size}), got {value!r}")
 
 
 def _check_tokens(*, path: Path, tokens: object, vocab_size: int) -> np.ndarray:
@@ -89,15 +95,88 @@ def _check_tokens(*, path: Path, tokens: object, vocab_size: int) -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype=token_dtype(vocab_size=vocab_size))
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray, *, vocab_size: int, eos_id: int | None) -> dict:
-    """Write `tokens` (sequences, seq_len + 1) as a shard, atomically; return its manifest entry."""
+def _pack_header(*, itemsize: int, seq_len: int, count: int, vocab_size: int, eos_id, pad_id) -> bytes:
+    return _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        itemsize,
+        seq_len,
+        count,
+        vocab_size,
+        NO_EOS if eos_id is None else eos_id,
+        NO_PAD if pad_id is None else pad_id,
+    ).ljust(HEADER_BYTES, b"\x00")
+
+
+class ShardStream:
+    """A shard written piece by piece, so `prepare` never holds a shard in memory.
+
+    The file grows under `<path>.tmp` with a zeroed header; `close` writes the real header (the
+    count is known only then), syncs, checksums the file by reading it back, and renames it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, seq_len: int, vocab_size: int, eos_id: int | None, pad_id: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        _check_vocab(path=self.path, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id)
+        if pad_id is not None and pad_id == eos_id:
+            raise FP8LabError(f"{self.path}: pad_id and eos_id are both {pad_id}; padding must have its own id")
+        self.seq_len, self.vocab_size, self.eos_id, self.pad_id = seq_len, vocab_size, eos_id, pad_id
+        self.count = 0
+        self.tmp = Path(f"{self.path}.tmp")
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
+        self._file.write(b"\x00" * HEADER_BYTES)
+
+    def append(self, tokens: np.ndarray) -> None:
+        """Add (n, seq_len + 1) windows; ids are checked against the vocabulary as in write_shard."""
+        data = _check_tokens(path=self.path, tokens=tokens, vocab_size=self.vocab_size)
+        if data.shape[1] != self.seq_len + 1:
+            raise FP8LabError(f"{self.path}: windows of {data.shape[1]} tokens, expected {self.seq_len + 1}")
+        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self.count += len(data)
+
+    def close(self) -> dict:
+        """Finish the file and return its manifest entry."""
+        itemsize = token_dtype(vocab_size=self.vocab_size).itemsize
+        try:
+            self._file.seek(0)
+            self._file.write(_pack_header(itemsize=itemsize, seq_len=self.seq_len, count=self.count,
+                                          vocab_size=self.vocab_size, eos_id=self.eos_id, pad_id=self.pad_id))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            digest = sha256_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise FP8LabError(f"could not write shard {self.path}: {e.strerror or e}; check free space") from e
+        fsync_dir(self.path.parent)
+        nbytes = shard_nbytes(count=self.count, seq_len=self.seq_len, itemsize=itemsize)
+        return {"file": self.path.name, "sequences": self.count, "bytes": nbytes, "sha256": digest}
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard(
+    path: str | os.PathLike, tokens: np.ndarray, *, vocab_size: int, eos_id: int | None, pad_id: int | None = None
+) -> dict:
+    """Write `tokens` (sequences, seq_len + 1) as a shard, atomically; return its manifest entry.
+
+    `pad_id`, when given, marks padding: the loader turns targets holding it into "no loss".
+    """
     path = Path(path)
-    _check_vocab(path=path, vocab_size=vocab_size, eos_id=eos_id)
+    _check_vocab(path=path, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id)
+    if pad_id is not None and pad_id == eos_id:
+        raise FP8LabError(f"{path}: pad_id and eos_id are both {pad_id}; padding must have its own id")
     data = _check_tokens(path=path, tokens=tokens, vocab_size=vocab_size)
     count, window = data.shape
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, data.itemsize, window - 1, count, vocab_size, NO_EOS if eos_id is None else eos_id
-    ).ljust(HEADER_BYTES, b"\x00")
+    header = _pack_header(
+        itemsize=data.itemsize, seq_len=window - 1, count=count, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id
+    )
     payload = data.reshape(-1).view(np.uint8)
     digest = hashlib.sha256(header)
     digest.update(payload)
@@ -130,23 +209,30 @@ def open_shard(path: str | os.PathLike) -> Shard:
             f"data shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
             "the file is truncated; prepare the data again"
         )
-    magic, version, itemsize, seq_len, count, vocab_size, eos = _HEADER.unpack_from(raw)
+    magic, version, itemsize, seq_len, count, vocab_size, eos, pad = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise FP8LabError(
             f"{path} is not an fp8lab token shard (magic {magic!r}, expected {MAGIC!r}); "
             "point `data.path` at a prepared fp8lab data directory"
         )
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FP8LabError(
-            f"data shard {path} has format version {version}, this fp8lab reads version {FORMAT_VERSION}; "
-            "prepare the data again with this version"
+            f"data shard {path} has format version {version}, this fp8lab reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; prepare the data again with this version"
         )
+    if version == 1:
+        pad = NO_PAD
     if itemsize not in _DTYPES:
         raise FP8LabError(f"data shard {path} has token itemsize {itemsize}, expected 2 or 4: the header is corrupt")
-    if seq_len < 1 or vocab_size < 1 or (eos != NO_EOS and eos >= vocab_size):
+    if (
+        seq_len < 1
+        or vocab_size < 1
+        or (eos != NO_EOS and eos >= vocab_size)
+        or (pad != NO_PAD and (pad >= vocab_size or pad == eos))
+    ):
         raise FP8LabError(
             f"data shard {path} has an inconsistent header (seq_len={seq_len}, vocab_size={vocab_size}, "
-            f"eos_id={eos}); prepare the data again"
+            f"eos_id={eos}, pad_id={pad}); prepare the data again"
         )
     expected = shard_nbytes(count=count, seq_len=seq_len, itemsize=itemsize)
     if size != expected:
@@ -163,4 +249,5 @@ def open_shard(path: str | os.PathLike) -> Shard:
         vocab_size=vocab_size,
         eos_id=None if eos == NO_EOS else eos,
         tokens=tokens,
+        pad_id=None if pad == NO_PAD else pad,
     )

@@ -86,8 +86,15 @@ def plan_conversion(
     skip_modules: Iterable[str],
     filter_mode: str = "all",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_gpu: str = "auto",
+    filter_tokens: int | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Decide, for every nn.Linear in `model`, convert or skip (with a reason)."""
+    """Decide, for every nn.Linear in `model`, convert or skip (with a reason).
+
+    filter_mode "auto" / "roofline" ask precision.layer_filter about each distinct shape that
+    passed the other checks (timed on this GPU, or predicted for `filter_gpu` at
+    `filter_tokens` tokens per micro-batch); its reason, with the numbers, is kept either way.
+    """
     skip_modules = list(skip_modules)
     converted, skipped = [], []
     for fqn, mod in model.named_modules():
@@ -108,6 +115,17 @@ def plan_conversion(
             converted.append(entry)
             continue
         skipped.append(entry | {"reason": reason})
+    if filter_mode in ("auto", "roofline") and converted:
+        from fp8lab.precision.layer_filter import decide
+
+        device = next(model.parameters()).device
+        decisions = decide(recipe, [(c["in_features"], c["out_features"]) for c in converted], mode=filter_mode,
+                           device=device, filter_gpu=filter_gpu, tokens=filter_tokens)
+        kept = []
+        for c in converted:
+            d = decisions[(c["in_features"], c["out_features"])]
+            (kept if d.convert else skipped).append(c | ({"filter": d.reason} if d.convert else {"reason": d.reason}))
+        converted = kept
     return converted, skipped
 
 
@@ -119,6 +137,8 @@ def convert(
     skip_modules: Iterable[str] = ("output",),
     filter_mode: str = "all",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_gpu: str = "auto",
+    filter_tokens: int | None = None,
     _gate: bool = True,
 ) -> ConversionReport:
     """Convert `model`'s linears in place for `recipe` and report what happened.
@@ -128,7 +148,11 @@ def convert(
         "on" forces emulation; "off" forbids it. An incapable GPU is an FP8LabError.
     skip_modules: names kept in high precision (exact, dotted suffix, or fnmatch pattern);
         the output head by default, whose accuracy matters most and whose dims are often odd.
-    filter_mode: "all" eligible linears, or "heuristic" (TorchAO's H100 size rules).
+    filter_mode: "all" eligible linears, "heuristic" (TorchAO's H100 size rules), "roofline"
+        (only the shapes bench.roofline predicts to win on `filter_gpu` at `filter_tokens`
+        tokens per micro-batch) or "auto" (time each shape on this GPU; roofline on CPU).
+    filter_gpu: the GPU id the roofline judges for; "auto": this device's (h100-sxm on CPU).
+    filter_tokens: tokens per micro-batch (batch size x sequence length) for auto/roofline.
     filter_fn: optional extra `(module, fqn) -> bool`; False keeps the layer in high precision.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -143,7 +167,8 @@ def convert(
     if not recipe.is_low_precision:
         return report
     report.converted, report.skipped = plan_conversion(
-        model, recipe, skip_modules=skip_modules, filter_mode=filter_mode, filter_fn=filter_fn
+        model, recipe, skip_modules=skip_modules, filter_mode=filter_mode, filter_fn=filter_fn,
+        filter_gpu=filter_gpu, filter_tokens=filter_tokens,
     )
     chosen = {c["name"] for c in report.converted}
     _import_torchao()

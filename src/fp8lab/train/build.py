@@ -73,9 +73,13 @@ def model_args_for(cfg: JobConfig, data_vocab: int) -> ModelArgs:
         raise FP8LabError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab}); "
                           "raise it or set 0 to follow the data")
     args = preset_args(m.preset, vocab_size=vocab, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
-                       n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim, tie_embeddings=m.tie_embeddings)
-    # RoPE has no learned positions: the table just has to cover the sequence.
-    return dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.data.seq_len))
+                       n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim, tie_embeddings=m.tie_embeddings,
+                       max_seq_len=m.max_seq_len)
+    if cfg.data.seq_len > args.max_seq_len:
+        raise FP8LabError(f"data.seq_len={cfg.data.seq_len} exceeds the {m.preset} model's max_seq_len "
+                          f"({args.max_seq_len}); prepare shorter sequences, or set --model.max_seq_len "
+                          f"(RoPE has no learned positions, but the model was sized for {args.max_seq_len})")
+    return args
 
 
 @dataclass
@@ -99,7 +103,9 @@ class Built:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
 
-def build(cfg: JobConfig) -> Built:
+def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
+    """Everything a run needs from `cfg`; `extra_skip` adds layers to keep in bf16 (the
+    guard's per-layer fallback)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
@@ -120,15 +126,21 @@ def build(cfg: JobConfig) -> Built:
 
     ds = open_data(cfg)
     args = model_args_for(cfg, ds.vocab_size)
+    # On CUDA the next batches are gathered and pinned on a thread while the GPU computes;
+    # on CPU that thread would only compete with the compute for the same cores.
+    on_cuda = device.type == "cuda"
     loader = TokenLoader(ds.split("train"), batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed,
-                         vocab_size=args.vocab_size)
+                         vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
+                         prefetch=2 if on_cuda else 0, pin_memory=on_cuda)
     held_out = eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size, num_batches=cfg.train.eval_batches)
 
     seed_everything(cfg.train.seed)
     with torch.device(device):
         model = Transformer(args)
     report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
-                     skip_modules=cfg.precision.skip_modules, filter_mode=cfg.precision.filter_mode)
+                     skip_modules=[*cfg.precision.skip_modules, *extra_skip], filter_mode=cfg.precision.filter_mode,
+                     filter_gpu=cfg.precision.filter_gpu,
+                     filter_tokens=cfg.data.micro_batch_size * cfg.data.seq_len)
     if report.emulated:
         notes.append(EMULATION_NOTE)
     optimizer = build_optimizer(model, cfg.optim, device=device)

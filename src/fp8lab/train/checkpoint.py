@@ -1,12 +1,16 @@
-"""Checkpoints: RUN/checkpoints/step-N/{dcp/, state.json, COMPLETE}.
+"""Checkpoints: RUN/checkpoints/step-N/{dcp/, state.json, manifest.json, COMPLETE}.
 
 - `dcp/` is a torch.distributed.checkpoint folder of plain fp32 tensors named as in the
   model *before* conversion and compile ("model.<fqn>", "optim.state.<fqn>.<key>"), so a
   checkpoint written under one recipe loads under any other, into a plain model with
   `dcp.load({"model": model.state_dict()})`, and later into sharded models.
 - `state.json` holds everything else (step, RNG, data position, recipe): JSON, never pickle.
+- `manifest.json` lists every other file with its size and sha256; `verify_checkpoint`
+  checks it before DCP opens anything (a flipped byte inside a DCP payload loads silently).
 - `COMPLETE` is written last, inside a temporary folder that is renamed into place, so a
   crash mid-write never leaves a folder that looks complete.
+- `step-N-rK` is revision K of step N: a rollback re-saves its target with the new recipe
+  and guard state under a new name, so no moment exists without a complete checkpoint.
 
 Nothing we load can run code: DCP (torch 2.13) reads `.metadata` with plain pickle.load,
 so `SafeFileSystemReader` reads it through an unpickler that admits only DCP's metadata
@@ -36,12 +40,15 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fp8lab.errors import FP8LabError
+from fp8lab.data.shards import sha256_file
 from fp8lab.fsutil import fsync_dir, write_durable
 from fp8lab.precision.convert import to_plain
+from fp8lab.train.faults import kill_point
 from fp8lab.train.optim import init_optimizer_state
 
 MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)(?:-r(\d+))?$")
 
 # (module, name) pairs a DCP .metadata pickle may reference; anything else is refused.
 _METADATA_CLASSES = {
@@ -96,7 +103,8 @@ def checkpoints_root(run_dir: Path) -> Path:
 
 
 def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first (a later revision of a step
+    after the earlier ones)."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
@@ -104,8 +112,8 @@ def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and (p / MARKER).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+            found.append((int(m.group(1)), int(m.group(2) or 0), p))
+    return [(step, p) for step, _, p in sorted(found)]
 
 
 def newest_complete(run_dir: Path) -> tuple[int, Path] | None:
@@ -142,29 +150,47 @@ def _quiet_single_process():
         yield
 
 
+def _file_manifest(folder: Path) -> dict[str, dict]:
+    return {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MARKER, MANIFEST)
+    }
+
+
 def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int) -> Path:
-    """Write step-N atomically, then keep only the newest `keep` complete checkpoints."""
+                    state: dict, keep: int, protect: tuple[int, ...] = (), new_revision: bool = False) -> Path:
+    """Write step-N atomically, then keep the newest `keep` complete checkpoints (and the
+    steps in `protect`). `new_revision` writes step-N-rK beside an existing step-N."""
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    if (final / MARKER).is_file():
+    if new_revision:
+        revs = [int(m.group(2) or 0) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+                and int(m.group(1)) == step]
+        final = root / f"step-{step}-r{max(revs, default=0) + 1}"
+    elif (final / MARKER).is_file():
         # Only a resumed run that has already reached its last step gets here: the step's
         # state is on disk, and replacing it would open a window with no checkpoint.
         return final
     shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a killed writer
-    tmp = root / f"step-{step}.tmp-{os.getpid()}"
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with _quiet_single_process():
         dcp.save(tensor_state(model, optimizer), storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
+    kill_point("ckpt-after-dcp", step)
     write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+    kill_point("ckpt-after-state", step)
     fsync_dir(tmp / "dcp")
+    write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
+    kill_point("ckpt-after-manifest", step)
     write_durable(tmp / MARKER, f"{step}\n")
     fsync_dir(tmp)
+    kill_point("ckpt-after-marker", step)
     os.rename(tmp, final)
     fsync_dir(root)
-    prune(run_dir, keep=keep)
+    kill_point("ckpt-after-rename", step)
+    prune(run_dir, keep=keep, protect=protect)
     return final
 
 
@@ -175,20 +201,92 @@ def remove_stale(run_dir: Path) -> list[str]:
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    stale = [p for p in root.iterdir() if p.is_dir() and (".tmp-" in p.name or not (p / MARKER).is_file())]
+    stale = [p for p in root.iterdir()
+             if p.is_dir() and not p.name.endswith(".damaged") and (".tmp-" in p.name or not (p / MARKER).is_file())]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return sorted(p.name for p in stale)
 
 
-def prune(run_dir: Path, *, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`; the newest always stays.
-    The marker goes first, so a deletion cut short leaves an incomplete folder, never a
+def prune(run_dir: Path, *, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Delete the oldest complete checkpoints beyond `keep`; the newest always stays, and
+    so does the newest checkpoint of each step in `protect` (the last good one). The
+    marker goes first, so a deletion cut short leaves an incomplete folder, never a
     complete-looking half checkpoint."""
     found = list_complete(run_dir)
-    for _, path in found[: max(len(found) - max(keep, 1), 0)]:
+    kept = {path for _, path in found[-max(keep, 1):]}
+    for step in protect:
+        revisions = [path for s, path in found if s == step]
+        kept |= set(revisions[-1:])
+    for _, path in found:
+        if path not in kept:
+            (path / MARKER).unlink()
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def delete_after(run_dir: Path, step: int) -> list[str]:
+    """Delete the complete checkpoints newer than `step` (a timeline a rollback abandoned)."""
+    gone = [path for s, path in list_complete(run_dir) if s > step]
+    for path in gone:
         (path / MARKER).unlink()
         shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in gone]
+
+
+_verified: dict[tuple[str, int], str | None] = {}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the checkpoint's manifest (size and sha256) and nothing
+    else is there; otherwise what is wrong, in words. Reads no file through pickle or DCP.
+    Remembered per process, keyed by every file's size and mtime: resume hashes a
+    checkpoint once, and any change to a file is verified afresh."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        return f"no {MARKER} marker"
+    key = (str(path.resolve()), tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                             for p in path.rglob("*") if p.is_file())))
+    if key not in _verified:
+        _verified[key] = _verify(path)
+    return _verified[key]
+
+
+def _verify(path: Path) -> str | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*")
+               if p.is_file() and p.name not in (MARKER, MANIFEST)}
+    if on_disk != set(manifest):
+        return f"files differ from the manifest (extra: {sorted(on_disk - set(manifest))}, " \
+               f"missing: {sorted(set(manifest) - on_disk)})"
+    for rel, want in manifest.items():
+        f = path / rel
+        if f.stat().st_size != want["bytes"]:
+            return f"{rel} is {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if sha256_file(f) != want["sha256"]:
+            return f"{rel} does not match its sha256 (a changed byte)"
+    return None
+
+
+def newest_verified(run_dir: Path) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that verifies, and the damaged ones passed over."""
+    damaged = []
+    for step, path in reversed(list_complete(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return (step, path), damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def quarantine(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never loaded)."""
+    target = path.with_name(f"{path.name}.damaged")
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(path, target)
+    return target
 
 
 def read_state(path: Path) -> dict:
@@ -211,7 +309,11 @@ def _cause(e: BaseException) -> str:
 
 
 def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load the checkpoint's tensors in place into `model` (and `optimizer`'s state)."""
+    """Verify the checkpoint against its manifest, then load its tensors in place into
+    `model` (and `optimizer`'s state)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise FP8LabError(f"checkpoint {path} is damaged: {problem}")
     reader = SafeFileSystemReader(Path(path) / "dcp")
     try:
         # Read the metadata ourselves first: DCP would swallow a refused pickle and retry

@@ -1,33 +1,31 @@
 """The run directory: what it holds, and the rules for resuming into it.
 
 RUN/config.toml      the resolved config (written at start, updated on resume)
-RUN/metrics.jsonl    one JSON object per optimizer step
-RUN/events.jsonl     things a user must hear about (skipped steps, recipe overrides, resumes)
 RUN/checkpoints/     see checkpoint.py
+RUN/*.jsonl          see logs.py
 RUN/summary.json     written at the end
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from pathlib import Path
-from typing import Any
 
 from fp8lab.config import JobConfig, config_from_dict
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
-from fp8lab.train.checkpoint import newest_complete, read_state
+from fp8lab.train.checkpoint import newest_verified, read_state
 from fp8lab.train.schedule import lr_at
 
 # Keys that may change when a run is resumed: how long, how often to log, evaluate and
 # save, how hard to check the data, how many CPU threads (bitwise repeatability needs the
-# same count, but the run is the same run), and the fault drills (debug.*), which exist
+# same count, but the run is the same run), the guard's thresholds (a run the guard stopped
+# is resumed with a looser or stricter guard), and the fault drills (debug.*), which exist
 # to be switched on for one attempt.
 # Anything else changes what is being trained, so it is a different run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep", "logging.",
-                      "debug.", "data.verify", "train.threads")
+                      "debug.", "data.verify", "train.threads", "guard.")
 
 
 def _load_saved(path: Path) -> JobConfig:
@@ -55,8 +53,8 @@ def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, 
         return cfg, None, []
 
     saved = _load_saved(config_path)
-    newest = newest_complete(run_dir)
-    messages = []
+    newest, damaged = newest_verified(run_dir)
+    messages = [f"checkpoint {p} is damaged ({why}); passed over" for p, why in damaged]
     if newest is not None:
         ckpt_recipe = read_state(newest[1]).get("recipe", saved.precision.recipe)
         if cfg.precision.recipe != ckpt_recipe:
@@ -96,60 +94,3 @@ def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int
     cfg, resume, messages = check_run_dir(run_dir, cfg)
     write_run_config(run_dir, cfg)
     return cfg, resume, messages
-
-
-class JsonlWriter:
-    """Append-only JSON lines, flushed per record so a killed run keeps what it logged."""
-
-    def __init__(self, path: Path, *, keep_through_step: int | None):
-        """keep_through_step: on resume, records after the checkpoint's step are dropped
-        (that progress was lost and will be logged again); None starts the file afresh."""
-        self.path = Path(path)
-        kept: list[str] = []
-        if keep_through_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_through_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: everything after it is suspect
-        atomic_write(self.path, "".join(line + "\n" for line in kept))
-        self._f = open(self.path, "a", buffering=1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class TensorBoardWriter:
-    """The numeric fields of each metrics record as TensorBoard scalars under RUN/tensorboard."""
-
-    @staticmethod
-    def check_available() -> None:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise FP8LabError("logging.tensorboard=true needs the tensorboard package: "
-                              "pip install 'fp8lab[tensorboard]'") from None
-
-    def __init__(self, run_dir: Path, *, resume_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events logged after the checkpoint by the attempt that died.
-        self._w = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                purge_step=None if resume_step is None else resume_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self._w.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self._w.close()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,6 +1,6 @@
 """The training loop. `train_step` reads top to bottom: micro-batches, loss, backward,
 clip, guard, optimizer step. One device-to-host transfer per step carries the loss and
-the gradient norm, and serves both the guard and the log."""
+the gradient norm, and serves the guard and the log. Rollbacks live in recovery.py."""
 
 from __future__ import annotations
 
@@ -23,12 +23,19 @@ from fp8lab.bench.gpus import bf16_peak_tflops
 from fp8lab.config import JobConfig
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
+from fp8lab.precision import telemetry
 from fp8lab.precision.capability import EMULATION_NOTE, device_name
 from fp8lab.train.build import Built, build
-from fp8lab.train.checkpoint import load_tensors, read_state, remove_stale, save_checkpoint
+from fp8lab.train.checkpoint import (
+    list_complete, load_tensors, newest_verified, quarantine, read_state, remove_stale, save_checkpoint,
+)
 from fp8lab.train.console import TrainProgress, console, setup_logging
+from fp8lab.train.faults import kill_point
+from fp8lab.train.guard import Guard
+from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
+from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
-from fp8lab.train.rundir import JsonlWriter, TensorBoardWriter, check_run_dir, read_jsonl, write_run_config
+from fp8lab.train.rundir import check_run_dir, write_run_config
 from fp8lab.train.schedule import lr_at
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding)
@@ -59,39 +66,53 @@ def data_fingerprint(dataset) -> str:
     return hashlib.sha256((Path(dataset.path) / "manifest.json").read_bytes()).hexdigest()
 
 
-class Trainer:
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
+                           ignore_index=IGNORE_INDEX)
+
+
+class Trainer(Recovery):
     def __init__(self, cfg: JobConfig, run_dir: Path):
         setup_logging()
         self.run_dir = Path(run_dir)
         self.cfg, resume, messages = check_run_dir(self.run_dir, cfg)
+        state = read_state(resume[1]) if resume is not None else {}
+        # Guard state that shapes the model and the data order (see recovery.py).
+        self.bf16_layers: list[str] = state.get("bf16_layers", [])
+        self.skip_windows: list[list[int]] = state.get("skip_windows", [])
+        self.recipe_history: list[dict] = state.get("recipe_history", [])
         # Bad data, device, recipe or a missing extra fail here, before the run dir is touched.
         if self.cfg.logging.tensorboard:
             TensorBoardWriter.check_available()
-        self.b: Built = build(self.cfg)
+        self.b: Built = build(self.cfg, extra_skip=self.bf16_layers)
+        self.guard = Guard(self.cfg.guard)
         self.step = 0
         self.skipped_steps = 0
         if resume is not None:
-            self._resume(*resume)
+            self._restore(resume[1], state)
         write_run_config(self.run_dir, self.cfg)
         removed = remove_stale(self.run_dir)
+        _, damaged = newest_verified(self.run_dir)
         self.tokens_per_step = self.cfg.data.micro_batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum_steps
         dev = self.b.device
         self.peak_tflops = bf16_peak_tflops(device_name(dev)) if dev.type == "cuda" else None
-        keep = self.step if resume else None
-        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", keep_through_step=keep)
-        self.events = JsonlWriter(self.run_dir / "events.jsonl", keep_through_step=keep)
-        self.tensorboard = TensorBoardWriter(self.run_dir, resume_step=keep) if self.cfg.logging.tensorboard else None
+        self.logs = RunLogs(self.run_dir, resume_step=self.step if resume else None,
+                            tensorboard=self.cfg.logging.tensorboard)
+        self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
         for m in messages:
             self.event("config", m)
+        for path, why in damaged:
+            self.event("damaged", f"checkpoint {path.name} failed verification ({why}); moved to "
+                                  f"{quarantine(path).name} and not used")
         if removed:
             self.event("cleanup", f"removed unfinished checkpoint folders left by a killed run: {', '.join(removed)}")
         if resume is not None:
             self.event("resume", f"resumed from {resume[1]} at step {self.step}")
 
-    # -- setup ------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------
 
-    def _resume(self, step: int, path: Path) -> None:
-        state = read_state(path)
+    def _restore(self, path: Path, state: dict) -> None:
+        """Load a checkpoint into the built model, optimizer, loader, RNG and guard."""
         saved_args = state.get("model_args", {})
         now = dataclasses.asdict(self.b.model_args)
         diff = [k for k in now if k in saved_args and saved_args[k] != now[k]]
@@ -105,18 +126,30 @@ class Trainer:
         load_tensors(path, model=self.b.model, optimizer=self.b.optimizer)
         self.b.loader.load_state_dict(state["data"])
         restore_rng(state["rng"])
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
+
+    def save(self, *, new_revision: bool = False) -> None:
+        state = {
+            "format": 1, "step": self.step, "recipe": self.cfg.precision.recipe,
+            "tokens": self.step * self.tokens_per_step, "data": self.b.loader.state_dict(),
+            "data_fingerprint": data_fingerprint(self.b.dataset), "rng": capture_rng(),
+            "model_args": dataclasses.asdict(self.b.model_args), "skipped_steps": self.skipped_steps,
+            "guard": self.guard.state_dict(), "bf16_layers": self.bf16_layers,
+            "skip_windows": self.skip_windows, "recipe_history": self.recipe_history,
+        }
+        good = self.guard.last_good_step
+        save_checkpoint(self.run_dir, step=self.step, model=self.b.model, optimizer=self.b.optimizer,
+                        state=state, keep=self.cfg.checkpoint.keep, protect=() if good is None else (good,),
+                        new_revision=new_revision)
+        self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
 
     def event(self, kind: str, message: str, **fields) -> None:
         """Something the user must hear about: to the console and to events.jsonl."""
         console.print(f"[yellow]{kind}: {message}[/]")
-        self.events.write({"step": self.step, "kind": kind, "message": message, **fields})
-
-    def _close_logs(self) -> None:
-        for sink in (self.metrics, self.events, self.tensorboard):
-            if sink is not None:
-                sink.close()
+        self.logs.event({"step": self.step, "kind": kind, "message": message, **fields})
 
     # -- one step ---------------------------------------------------------------------
 
@@ -125,7 +158,28 @@ class Trainer:
             return t.pin_memory().to(self.b.device, non_blocking=True)
         return t
 
-    def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def _batch_index(self) -> int:
+        """The loader's position as one number: micro-batches served since the run began."""
+        loader = self.b.loader
+        return loader.epoch * loader.batches_per_epoch + loader.position
+
+    def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This step's micro-batches, passing over the data windows a rollback skipped, and
+        the index of the first one."""
+        out, first = [], None
+        while len(out) < self.cfg.train.grad_accum_steps:
+            index = self._batch_index()
+            batch = self.b.loader.next_batch()
+            if any(start <= index < end for start, end in self.skip_windows):
+                continue
+            first = index if first is None else first
+            out.append(batch)
+        return out, first
+
+    def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                   drill: float = 1.0) -> StepResult:
+        """One optimizer step on `batches`. `drill` multiplies the first micro-batch's loss
+        (fault drills: NaN, or a spike factor), so the real backward and guard paths see it."""
         b, cfg = self.b, self.cfg
         # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
         # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
@@ -135,10 +189,9 @@ class Trainer:
             x, y = self._to_device(x), self._to_device(y)
             with b.autocast():
                 logits = b.model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                   reduction="sum", ignore_index=IGNORE_INDEX) / n_tokens
-            if i == 0 and step == cfg.debug.inject_nan_at_step:
-                loss = loss * float("nan")  # fault drill: the real backward and guard paths see it
+            loss = token_loss(logits, y) / n_tokens
+            if i == 0 and drill != 1.0:
+                loss = loss * drill
             loss.backward()
             loss_sum += loss.detach()
         max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
@@ -166,23 +219,35 @@ class Trainer:
                 x, y = self._to_device(x), self._to_device(y)
                 with b.autocast():
                     logits = b.model(x)
-                total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum",
-                                         ignore_index=IGNORE_INDEX)
+                total += token_loss(logits, y)
                 count += int((y != IGNORE_INDEX).sum())
         b.model.train()
         return total.item() / count
 
+    def collect_telemetry(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+        """Per-layer FP8 cast statistics on `batch` (an extra pass; training is unaffected)."""
+        recipe = self.b.report.recipe
+        if recipe == "bf16" or not self.b.report.converted:
+            return []
+        from fp8lab.precision.recipes import get_recipe
+
+        x, y = self._to_device(batch[0]), self._to_device(batch[1])
+        return telemetry.collect(self.b.model, get_recipe(recipe), inputs=x,
+                                 loss_fn=lambda logits: token_loss(logits, y, reduction="mean"),
+                                 autocast=self.b.autocast)
+
     # -- the loop ---------------------------------------------------------------------
 
-    def save(self) -> None:
-        state = {
-            "format": 1, "step": self.step, "recipe": self.cfg.precision.recipe,
-            "tokens": self.step * self.tokens_per_step, "data": self.b.loader.state_dict(),
-            "data_fingerprint": data_fingerprint(self.b.dataset), "rng": capture_rng(),
-            "model_args": dataclasses.asdict(self.b.model_args), "skipped_steps": self.skipped_steps,
-        }
-        save_checkpoint(self.run_dir, step=self.step, model=self.b.model, optimizer=self.b.optimizer,
-                        state=state, keep=self.cfg.checkpoint.keep)
+    def _drill(self, first_index: int) -> float:
+        """The fault drills' loss multiplier for the step whose first micro-batch is
+        `first_index`. A drill belongs to the data that step N first trains on, so a
+        rollback that skips that data removes it, as it would a bad batch."""
+        d, accum = self.cfg.debug, self.cfg.train.grad_accum_steps
+        if d.inject_nan_at_step and first_index == (d.inject_nan_at_step - 1) * accum:
+            return float("nan")
+        if d.inject_spike_at_step and first_index == (d.inject_spike_at_step - 1) * accum:
+            return d.inject_spike_factor
+        return 1.0
 
     def _header(self) -> None:
         b, cfg = self.b, self.cfg
@@ -214,19 +279,28 @@ class Trainer:
         return rec
 
     def run(self) -> dict:
-        cfg, b = self.cfg, self.b
+        try:
+            return self._run()
+        except GuardStopped as stop:
+            self._finish(None, status="stopped-by-guard", reason=str(stop))
+            raise
+
+    def _run(self) -> dict:
+        cfg = self.cfg
         self._header()
-        interval, eval_every, last_step = cfg.checkpoint.interval, cfg.train.eval_interval, cfg.train.steps
-        progress = TrainProgress(total=last_step, start=self.step, mode=cfg.logging.progress,
+        progress = TrainProgress(total=cfg.train.steps, start=self.step, mode=cfg.logging.progress,
                                  log_interval=cfg.logging.log_interval)
-        t_start = last = time.perf_counter()
+        last = time.perf_counter()
         first_step = self.step + 1
         final_eval = None
         try:
-            while self.step < last_step:
+            while self.step < cfg.train.steps:
+                cfg, b = self.cfg, self.b  # a rollback may have rebuilt both
                 step = self.step + 1
-                batches = [b.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-                result = self.train_step(step, batches)
+                batches, first_index = self.next_batches()
+                if cfg.logging.telemetry_interval and step % cfg.logging.telemetry_interval == 0:
+                    self.logs.layer_stats(step, self.collect_telemetry(batches[0]))
+                result = self.train_step(step, batches, drill=self._drill(first_index))
                 now = time.perf_counter()
                 self.step = step
                 rec = self._record(step, result, now - last, first_in_process=step == first_step)
@@ -235,50 +309,66 @@ class Trainer:
                     self.event("skip", f"step {step}: non-finite loss {result.loss} or grad norm "
                                        f"{result.grad_norm}; optimizer step skipped",
                                loss=rec["loss"], grad_norm=rec["grad_norm"])
-                if step == last_step or (eval_every and step % eval_every == 0):
+                alarm = self.guard.observe(step, result.loss, result.grad_norm)
+                if alarm is not None:
+                    rec["alarm"] = alarm.kind
+                elif step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
                     rec["eval_loss"] = final_eval = self.evaluate()
-                self.metrics.write(rec)
-                if self.tensorboard is not None:
-                    self.tensorboard.write(rec)
+                self.logs.step(rec)
                 progress.update(rec)
-                if interval and step % interval == 0 and step < last_step:
+                kill_point("step-end", step)
+                if alarm is not None:
+                    self.on_alarm(alarm)  # may roll back: self.step, self.b and self.cfg change
+                    final_eval = None
+                    first_step = self.step + 1
+                    last = time.perf_counter()
+                    continue
+                self.guard.update_good(self.ckpt_steps, step)
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
                     self.save()
                 last = time.perf_counter()  # eval and checkpoint time is not step time
                 if step == cfg.debug.stop_at_step:
                     self.event("stop", f"debug.stop_at_step={step}: stopping as if interrupted")
-                    self._close_logs()
+                    self.logs.close()
+                    self.b.loader.close()
                     return {"stopped_at": step}
         finally:
             progress.close()
         if final_eval is None:  # resumed a run that had already finished: nothing trained now
             final_eval = self.evaluate()
-        if cfg.checkpoint.at_end:
+        if self.cfg.checkpoint.at_end:
             self.save()
-        return self._finish(final_eval, time.perf_counter() - t_start)
+        return self._finish(final_eval, status="completed")
 
-    def _finish(self, final_eval: float, wall_s: float) -> dict:
+    def _finish(self, final_eval: float | None, *, status: str, reason: str | None = None) -> dict:
         cfg, b = self.cfg, self.b
         recs = read_jsonl(self.run_dir / "metrics.jsonl")
         timed = [r["tokens_per_s"] for r in recs if not r.get("warmup") and not r.get("skipped")]
         losses = [r["loss"] for r in recs if r["loss"] is not None]
         summary = {
-            "run_dir": str(self.run_dir), "recipe": cfg.precision.recipe, "emulated": b.report.emulated,
-            "compute_dtype": str(b.compute_dtype).removeprefix("torch."), "compiled": b.compiled,
-            "device": device_name(b.device), "conversion": b.report.to_dict(), "steps": self.step,
-            "skipped_steps": self.skipped_steps, "final_train_loss": losses[-1] if losses else None,
-            "final_eval_loss": final_eval, "tokens_per_s_median": statistics.median(timed) if timed else None,
+            "run_dir": str(self.run_dir), "status": status, "recipe": cfg.precision.recipe,
+            "emulated": b.report.emulated, "compute_dtype": str(b.compute_dtype).removeprefix("torch."),
+            "compiled": b.compiled, "device": device_name(b.device), "conversion": b.report.to_dict(),
+            "steps": self.step, "skipped_steps": self.skipped_steps, "rollbacks": self.guard.rollbacks,
+            "recipe_history": self.recipe_history, "bf16_layers": self.bf16_layers,
+            "final_train_loss": losses[-1] if losses else None, "final_eval_loss": final_eval,
+            "tokens_per_s_median": statistics.median(timed) if timed else None,
             "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
             "params": sum(p.numel() for p in b.model.parameters()), "flops_per_token": b.flops_per_token,
-            "peak_bf16_tflops": self.peak_tflops, "wall_s_this_process": wall_s, "notes": b.notes,
+            "peak_bf16_tflops": self.peak_tflops, "notes": b.notes,
             "versions": {"torch": torch.__version__, "torchao": importlib.metadata.version("torchao"),
                          "python": platform.python_version(), "cuda": torch.version.cuda},
         }
+        if reason:
+            summary["reason"] = reason
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        self._close_logs()
-        tps = summary["tokens_per_s_median"]
-        console.print(f"[bold green]done[/] step {self.step}: train loss {summary['final_train_loss']}, "
-                      f"eval loss {final_eval:.4f}, median {'-' if tps is None else f'{tps:,.0f}'} tok/s "
-                      f"-> {self.run_dir / 'summary.json'}")
+        self.logs.close()
+        self.b.loader.close()
+        if status == "completed":
+            tps = summary["tokens_per_s_median"]
+            console.print(f"[bold green]done[/] step {self.step}: train loss {summary['final_train_loss']}, "
+                          f"eval loss {final_eval:.4f}, median {'-' if tps is None else f'{tps:,.0f}'} tok/s, "
+                          f"recipe {cfg.precision.recipe} -> {self.run_dir / 'summary.json'}")
         return summary
 
 

@@ -1,0 +1,183 @@
+"""`fp8lab advise`: per recipe, the predicted step speedup over BF16, memory, the layers worth
+converting, the recommendation, and the caveats of the GPU, from bench.roofline.
+
+Pure arithmetic on the model's shape and the GPU table: no torch, nothing is run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fp8lab.bench.gpus import ADVISOR_RATES_WHY, GPUS, MEASURED_GEMMS, get_gpu
+from fp8lab.bench.roofline import (CONSTANTS, Rates, layer_speedup, memory_gb, model_linears, rates_for, step_time,
+                                   supports)
+from fp8lab.models.flops import flops_per_token, param_counts
+from fp8lab.models.llama import ModelArgs
+from fp8lab.precision.convert import _matches
+from fp8lab.precision.layer_filter import WIN_MARGIN
+from fp8lab.precision.recipes import RECIPES, get_recipe
+
+RECOMMEND_MARGIN = 1.05  # a recipe is recommended over bf16 only if the whole step is 5% faster
+
+
+@dataclass
+class RecipeAdvice:
+    recipe: str
+    supported: bool
+    speedup: float | None  # step speedup over bf16, converting the layers worth converting
+    speedup_all: float | None  # converting every eligible linear (precision.filter_mode=all)
+    step_ms: float | None
+    tokens_per_s: float | None
+    mfu: float | None  # against the dense BF16 datasheet peak, as the trainer reports it
+    memory_gb: float | None
+    fits: bool | None
+    converted: list[str] = field(default_factory=list)  # linear groups worth converting
+    layer_speedups: dict[str, float] = field(default_factory=dict)  # group -> predicted x of bf16
+    breakdown_ms: dict[str, float] = field(default_factory=dict)
+    memory_breakdown_gb: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Advice:
+    model: dict
+    gpu: dict
+    rates: dict
+    tokens: int
+    seq_len: int
+    grad_accum: int
+    num_gpus: int
+    recipes: list[RecipeAdvice]
+    recommended: str
+    why: str
+    caveats: list[str]
+    constants: dict
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+    def get(self, recipe: str) -> RecipeAdvice:
+        return next(r for r in self.recipes if r.recipe == recipe)
+
+
+def _caveats(gpu_id: str, rates: Rates, args: ModelArgs, tokens: int, seq_len: int, grad_accum: int,
+             num_gpus: int, skip_modules: list[str]) -> list[str]:
+    spec = GPUS[gpu_id]
+    cc = spec.compute_capability
+    why = ADVISOR_RATES_WHY.get(gpu_id) if rates.source == "microbench" else None
+    out = [f"rate source: {rates.source}" + (f" - {why}" if why else "")]
+    if spec.fp8_fp16acc_tflops is not None:
+        out.append(f"GeForce: FP8 with FP32 accumulation (what training's torch._scaled_mm uses) runs at half the "
+                   f"FP16-accumulate rate ({spec.fp8_fp32acc_tflops:g} vs {spec.fp8_fp16acc_tflops:g} TFLOP/s "
+                   "in NVIDIA's table)")
+    if gpu_id in MEASURED_GEMMS:
+        out.append("whole-GEMM measurements on random data: " + "; ".join(
+            f"{what}: {v:g} TFLOP/s ({src})" for what, v, src in MEASURED_GEMMS[gpu_id]))
+    if gpu_id in ADVISOR_RATES_WHY and rates.source != "measured":
+        other = "vendor" if rates.source == "microbench" else "microbench"
+        alt = rates_for(gpu_id, source=other)
+        conv = {g.name for g in model_linears(args) if not any(_matches(g.name, p) for p in skip_modules)}
+        base = step_time(args, tokens=tokens, seq_len=seq_len, rates=alt, recipe="bf16", converted=set(),
+                         grad_accum=grad_accum, num_gpus=num_gpus).total_s
+        parts = []
+        for r in ("fp8-tensorwise", "mxfp8"):
+            if not supports(get_recipe(r), alt):
+                t = step_time(args, tokens=tokens, seq_len=seq_len, rates=alt, recipe=r, converted=conv,
+                              grad_accum=grad_accum, num_gpus=num_gpus).total_s
+                parts.append(f"{r} {base / t:.2f}x")
+        out.append(f"with {other} rates instead: " + ", ".join(parts) + " (all eligible linears converted)")
+    if cc is not None and cc[0] == 12:
+        out.append("sm_12x: rowwise scaled matmuls have failed in cuBLAS with CUBLAS_STATUS_NOT_SUPPORTED "
+                   "(pytorch/pytorch#192707; tensorwise works): run `fp8lab doctor` on the card to probe them")
+        out.append("sm_12x MXFP8: cuBLAS runs block-scaled FP8 only in the TN operand layout on 12.x "
+                   "(cuBLAS docs, narrow precision; pytorch/pytorch#198126), while training's backward GEMMs "
+                   "need others: mxfp8 runs only where fp8lab's kernel probe passes (`fp8lab doctor`)")
+    if spec.fp8_fp32acc_tflops is None:
+        out.append(f"{gpu_id} has no FP8 tensor cores: FP8 recipes cannot speed it up (fp8lab refuses them there)")
+    if gpu_id == "mi300x":
+        out.append("MI300X: FP8 is e4m3fnuz (TorchAO picks it); no MXFP8 before MI350")
+    out.append("communication is not modelled: single GPU, or FSDP traffic fully overlapped"
+               + (f" (--num-gpus {num_gpus}: optimizer and state sharded FSDP2-style; fp8lab's own FSDP2 is "
+                  "planned)" if num_gpus > 1 else ""))
+    out.append("small GEMMs: the roofline ignores tile/wave effects (TorchAO: ~2x undercount at M, K, N <= 1k); "
+               "precision.filter_mode=auto measures instead")
+    return out
+
+
+def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: int = 1, num_gpus: int = 1,
+           skip_modules: list[str] | tuple[str, ...] = ("output",), rate_source: str = "auto",
+           measured: dict | None = None) -> Advice:
+    """Predict every recipe for `args` on `gpu` at `tokens` tokens per micro-batch."""
+    spec = get_gpu(gpu)
+    gpu_id = next(k for k, v in GPUS.items() if v is spec)
+    rates = rates_for(gpu_id, source=rate_source, measured=measured)
+    skip_modules = list(skip_modules)
+    groups = model_linears(args)
+    kw = dict(tokens=tokens, seq_len=seq_len, rates=rates, grad_accum=grad_accum, num_gpus=num_gpus)
+    base = step_time(args, recipe="bf16", converted=set(), **kw)
+    fpt = flops_per_token(args, seq_len)
+    results = []
+    for name, recipe in RECIPES.items():
+        why = supports(recipe, rates) if recipe.is_low_precision else None
+        if why:
+            results.append(RecipeAdvice(name, False, None, None, None, None, None, None, None, notes=[why]))
+            continue
+        eligible = [g for g in groups if not any(_matches(g.name, p) for p in skip_modules)
+                    and not (g.k % recipe.dim_multiple or g.n % recipe.dim_multiple)]
+        layer = {g.name: round(layer_speedup(tokens, g.k, g.n, recipe, rates), 3) for g in eligible} \
+            if recipe.is_low_precision else {}
+        worth = {n for n, s in layer.items() if s >= WIN_MARGIN}
+        low = recipe.is_low_precision
+        t = step_time(args, recipe=name, converted=worth, **kw) if low else base
+        t_all = step_time(args, recipe=name, converted={g.name for g in eligible}, **kw) if low else base
+        mem = memory_gb(args, tokens=tokens, recipe=name, converted=worth, num_gpus=num_gpus)
+        total_mem = sum(mem.values())
+        step_s = t.total_s * grad_accum  # one optimizer step
+        notes = []
+        if recipe.is_low_precision and not worth:
+            notes.append(f"no linear wins by {WIN_MARGIN}x at {tokens} tokens: nothing worth converting")
+        results.append(RecipeAdvice(
+            recipe=name, supported=True, speedup=round(base.total_s / t.total_s, 3),
+            speedup_all=round(base.total_s / t_all.total_s, 3), step_ms=round(step_s * 1e3, 2),
+            tokens_per_s=round(tokens * grad_accum / step_s),
+            mfu=round(fpt * tokens / t.total_s / (spec.bf16_dense_tflops * 1e12), 3),
+            memory_gb=round(total_mem, 2), fits=total_mem <= spec.mem_gb, converted=sorted(worth, key=_order),
+            layer_speedups=layer, breakdown_ms={k: round(v * 1e3, 3) for k, v in t.parts.items()},
+            memory_breakdown_gb={k: round(v, 2) for k, v in mem.items()}, notes=notes))
+    best = max((r for r in results if r.supported and r.recipe != "bf16"), key=lambda r: r.speedup, default=None)
+    if best is not None and best.speedup >= RECOMMEND_MARGIN:
+        recommended = best.recipe
+        why = (f"{best.recipe} is predicted {best.speedup:.2f}x of bf16, converting {', '.join(best.converted)}; "
+               "bf16 stays the baseline to compare against")
+        if best.recipe == "mxfp8" and spec.compute_capability and spec.compute_capability[0] == 12:
+            why += "; on sm_12x only if `fp8lab doctor`'s mxfp8 probe passes on the card (see the MXFP8 note)"
+    else:
+        recommended = "bf16"
+        why = ("no FP8 recipe is predicted to gain " + f"{RECOMMEND_MARGIN}x or more here" +
+               (f" (best: {best.recipe} {best.speedup:.2f}x)" if best else ""))
+    caveats = _caveats(gpu_id, rates, args, tokens, seq_len, grad_accum, num_gpus, skip_modules)
+    base_adv = results[0]
+    if not base_adv.fits:
+        n = next((n for n in range(num_gpus + 1, 1025) if sum(memory_gb(args, tokens=tokens, recipe="bf16",
+                                                                        converted=set(), num_gpus=n).values())
+                  <= spec.mem_gb), None)
+        need = f"FSDP2 sharding over {n}+ GPUs (--num-gpus {n})" if n else \
+            "fewer tokens per micro-batch or activation checkpointing"
+        caveats.insert(0, f"memory: bf16 is predicted at {base_adv.memory_gb:.0f} GB, more than the {spec.mem_gb:g} GB "
+                          f"of one {gpu_id}: needs {need}; the speedups assume it fits")
+    counts = param_counts(args)
+    return Advice(
+        model={**asdict(args), "params": counts.total, "matmul_params": counts.matmul},
+        gpu={"id": gpu_id, "name": spec.name, "mem_gb": spec.mem_gb}, rates=rates.to_dict(), tokens=tokens,
+        seq_len=seq_len, grad_accum=grad_accum, num_gpus=num_gpus, recipes=results, recommended=recommended,
+        why=why, caveats=caveats,
+        constants={k: {"value": v, "source": s} for k, (v, s) in CONSTANTS.items()})
+
+
+_ORDER = [g.name for g in model_linears(ModelArgs(dim=64, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=64,
+                                                  ffn_dim=64))]
+
+
+def _order(name: str) -> int:
+    return _ORDER.index(name) if name in _ORDER else len(_ORDER)

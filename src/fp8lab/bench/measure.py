@@ -1,0 +1,234 @@
+"""Measure this GPU: its BF16 / FP8 / MXFP8 matmul rates and copy bandwidth, and the time of
+one linear layer's forward + backward under a recipe. Results are cached as JSON under
+$FP8LAB_CACHE (default ~/.cache/fp8lab), keyed by the device name and the torch version, so
+`fp8lab advise` and the `auto` layer filter reuse them.
+
+Method (as ../shared/gpu/README.md and the mmapeak caveat ask): random data, never zeros
+(zeros draw less power and run faster); warm-up first; CUDA events; the median of the timed
+iterations. torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import atomic_write
+
+RATES_FILE = "gpu_rates.json"
+LAYERS_FILE = "layer_timings.json"
+GEMM_SHAPE = (8192, 8192, 8192)  # M, K, N: large enough to approach peak on every GPU we know
+COPY_BYTES = 1 << 30
+
+
+def cache_dir() -> Path:
+    """$FP8LAB_CACHE, else ~/.cache/fp8lab (the same place the embedded corpus goes)."""
+    env = os.environ.get("FP8LAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fp8lab"
+
+
+def _read(name: str) -> dict:
+    path = cache_dir() / name
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):  # a damaged cache is re-measured, not fatal
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(name: str, data: dict) -> None:
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / name, json.dumps(data, indent=1, sort_keys=True))
+
+
+def _torch_version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("torch")
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+def rates_key(device_name: str, torch_version: str) -> str:
+    return f"{device_name} | torch {torch_version}"
+
+
+def load_measured_rates(gpu_id: str) -> dict | None:
+    """The newest cached measurement of GPU `gpu_id` (a bench.gpus id), preferring one made
+    with this torch version; None when the card was never measured."""
+    from fp8lab.bench.gpus import GPUS, lookup_gpu
+
+    want = GPUS.get(gpu_id)
+    entries = [e for e in _read(RATES_FILE).values()
+               if isinstance(e, dict) and want is not None and lookup_gpu(e.get("device_name", "")) is want]
+    if not entries:
+        return None
+    same = [e for e in entries if e.get("torch") == _torch_version()]
+    return max(same or entries, key=lambda e: e.get("date", ""))
+
+
+def save_measured_rates(entry: dict) -> Path:
+    data = _read(RATES_FILE)
+    data[rates_key(entry["device_name"], entry["torch"])] = entry
+    _write(RATES_FILE, data)
+    return cache_dir() / RATES_FILE
+
+
+def _time_cuda(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
+    """Median seconds of fn() on the current CUDA stream, by CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def fp8_dtype(device):
+    """e4m3 as this GPU's FP8 tensor cores take it: the fnuz variant on MI300 (gfx94x)."""
+    import torch
+
+    arch = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "") if torch.version.hip else ""
+    return torch.float8_e4m3fnuz if arch.startswith("gfx94") else torch.float8_e4m3fn
+
+
+def _gemms(device, M: int, K: int, N: int) -> dict:
+    """{rate name: a function running one GEMM of that kind} on random (M, K) x (K, N) data."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(N, K, device=device, dtype=torch.bfloat16, generator=gen)
+    e4m3 = fp8_dtype(device)
+    a8, b8 = a.to(e4m3), b.to(e4m3).t()  # b8: column-major (K, N), as cuBLAS wants
+    one = torch.ones((), device=device)
+    row_a, row_b = torch.ones(M, 1, device=device), torch.ones(1, N, device=device)
+    fns = {
+        "bf16_tflops": lambda: a @ b.t(),
+        "fp8_tflops": lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+        "fp8_rowwise_tflops": lambda: torch._scaled_mm(a8, b8, scale_a=row_a, scale_b=row_b,
+                                                       out_dtype=torch.bfloat16, use_fast_accum=True),
+    }
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if torch.cuda.get_device_capability(device)[0] in (10, 12) and e8m0 is not None:
+        # MXFP8: one e8m0 scale per 32 elements along K, in the swizzled (blocked) layout cuBLAS
+        # reads; with M, N multiples of 128 and K/32 a multiple of 4 that is a plain reshape.
+        # A row-major, B column-major: the TN layout, the one sm_12x's cuBLAS supports.
+        sa = torch.ones(M * K // 32, device=device).to(e8m0)
+        sb = torch.ones(N * K // 32, device=device).to(e8m0)
+        fns["mxfp8_tflops"] = lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    return fns
+
+
+def measure_gpu_rates(device, *, shape: tuple[int, int, int] = GEMM_SHAPE, warmup: int = 5, iters: int = 20) -> dict:
+    """Achieved TFLOP/s of a BF16 matmul, FP8 tensorwise / rowwise scaled matmuls and (on
+    Blackwell) an MXFP8 scaled matmul, and copy GB/s, on CUDA `device`. A format that fails is
+    recorded with its error instead of a number."""
+    import torch
+
+    if device.type != "cuda":
+        raise FP8LabError("measuring matmul rates needs a CUDA GPU")
+    torch.cuda.set_device(device)
+    M, K, N = shape
+    flops = 2.0 * M * K * N
+    out: dict = {"device_name": torch.cuda.get_device_name(device), "torch": _torch_version(),
+                 "cuda": torch.version.cuda, "capability": list(torch.cuda.get_device_capability(device)),
+                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "shape_mkn": [M, K, N],
+                 "method": f"random normal inputs, {warmup} warm-up + median of {iters} CUDA-event timings",
+                 "errors": {}}
+    for key, fn in _gemms(device, M, K, N).items():
+        try:
+            out[key] = round(flops / _time_cuda(fn, warmup=warmup, iters=iters) / 1e12, 1)
+        except Exception as e:  # noqa: BLE001 - unsupported here: say so, keep measuring the rest
+            out[key] = None
+            out["errors"][key] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    fn = None  # drop the last closure's operands before the copy test allocates 2 GiB
+    torch.cuda.empty_cache()
+    src = torch.empty(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _time_cuda(lambda: dst.copy_(src), warmup=warmup, iters=iters)
+    out["mem_bandwidth_gbs"] = round(2 * COPY_BYTES / copy_s / 1e9)  # read + write
+    return out
+
+
+# -- one linear layer, bf16 vs a recipe (the `auto` layer filter) -------------------------------
+
+
+def layer_key(device_name: str, recipe: str, m: int, k: int, n: int, compiled: bool) -> str:
+    import importlib.metadata as md
+
+    try:
+        ao = md.version("torchao")
+    except md.PackageNotFoundError:
+        ao = "none"
+    return f"{device_name} | torch {_torch_version()} | torchao {ao} | {recipe} | {m}x{k}x{n} | compile={compiled}"
+
+
+def time_linear(m: int, k: int, n: int, recipe: str, device, *, compiled: bool = True,
+                warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of one forward + backward of a (k -> n) linear on m tokens under
+    `recipe` ("bf16": the plain layer under bf16 autocast), on CUDA `device`, as the trainer
+    runs it: fp32 master weight, bf16 autocast, torch.compile when `compiled`."""
+    import torch
+    from torch import nn
+
+    from fp8lab.precision.convert import convert
+
+    if device.type != "cuda":
+        raise FP8LabError("timing layers needs a CUDA GPU")
+    # The trainer calls this between seeding and training: leave its RNG streams untouched.
+    with torch.random.fork_rng(devices=[device.index or 0]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(k, n, bias=False)).to(device)
+        if recipe != "bf16":
+            convert(model, recipe=recipe, emulate="off", skip_modules=(), _gate=False)
+        if compiled:
+            # A fresh module per call recompiles nn.Sequential.forward; past dynamo's recompile
+            # limit it would silently run eager. Called before the trainer compiles anything.
+            torch._dynamo.reset()
+            model = torch.compile(model)
+        x = torch.randn(m, k, device=device, requires_grad=True)
+        grad = torch.randn(m, n, device=device)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = model(x)
+            y.backward(grad.to(y.dtype))
+
+        return _time_cuda(step, warmup=warmup, iters=iters)
+
+
+def cached_layer_times(device, recipe: str, m: int, k: int, n: int, *, compiled: bool = True) -> dict:
+    """{'bf16_s', 'recipe_s', 'cached'} for this layer shape on this GPU, measured once and
+    then read from $FP8LAB_CACHE/layer_timings.json."""
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    key = layer_key(name, recipe, m, k, n, compiled)
+    data = _read(LAYERS_FILE)
+    if key in data:
+        return data[key] | {"cached": True}
+    entry = {"bf16_s": time_linear(m, k, n, "bf16", device, compiled=compiled),
+             "recipe_s": time_linear(m, k, n, recipe, device, compiled=compiled),
+             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    data = _read(LAYERS_FILE)  # re-read: another process may have written meanwhile
+    data[key] = entry
+    _write(LAYERS_FILE, data)
+    return entry | {"cached": False}

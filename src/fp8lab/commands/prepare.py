@@ -1,0 +1,126 @@
+"""fp8lab prepare --input PATH_OR_GLOB ... --out DIR: text / JSONL / Parquet / NumPy -> verified token shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ORDER = 5  # position in `fp8lab --help`: data comes before training
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize and pack a corpus into a data directory for `fp8lab train --data.path=DIR`",
+        description="Read .txt (one document per file), .jsonl / .jsonl.gz (one per line), .parquet (one per row) "
+        "or pre-tokenized .npy (1-D stream, or 2-D (N, L) rows kept as they are); tokenize, split train/val by "
+        "document, pack into windows of seq_len + 1 and write shards + manifest.json to DIR.",
+    )
+    p.add_argument("--input", "-i", action="extend", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   help="files, directories or globs (quote them; ** is recursive); repeatable")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|FILE",
+                   help="'byte' (built-in, 256 bytes + EOS) or a local Hugging Face tokenizer.json (default: byte)")
+    p.add_argument("--train-tokenizer", action="store_true",
+                   help="train a byte-level BPE of --vocab-size on the input itself; saved with the data")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help="vocabulary of --train-tokenizer, or of the ids in .npy inputs")
+    p.add_argument("--eos-token", metavar="TOKEN", help="the tokenizer's end-of-document token (default: detected)")
+    p.add_argument("--eos-id", type=int, metavar="N", help="the id ending each document in a 1-D .npy stream")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="tokens per training sequence (default 512; 2-D .npy: L - 1)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one document per sequence, padded; padding carries no loss")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
+                   help="share of documents (rows for 2-D .npy) held out for validation (default 0.01)")
+    p.add_argument("--encoding-errors", choices=("replace", "error"), default="replace",
+                   help="bytes that are not UTF-8: replace with U+FFFD and count them (default), or stop")
+    p.add_argument("--shard-tokens", type=int, default=1_000_000_000, metavar="N",  # = prepare.DEFAULT_SHARD_TOKENS
+                   help="tokens per shard file (default 1G: 2 GB of uint16; fewer shards, faster batches)")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar: auto = on a terminal only")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.table import Table
+    from rich.text import Text
+
+    from fp8lab.data import prepare as prep
+
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+    class TokensPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            elapsed = task.elapsed or 0.0
+            rate = task.fields.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
+            shown = f"{rate / 1e6:,.2f}M" if rate >= 1e6 else f"{rate / 1e3:,.1f}K"
+            return Text(f"{shown} tok/s", style="progress.data.speed")
+
+    class Bar(prep.Progress):
+        def __init__(self) -> None:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TokensPerSecond(), TimeRemainingColumn(), console=err)
+            self.task = None
+            self.tokens = 0
+
+        def phase(self, name: str, *, total_bytes: int) -> None:
+            if self.task is not None:
+                self.bar.update(self.task, completed=self.bar.tasks[-1].total)
+            self.tokens = 0
+            self.task = self.bar.add_task(name, total=max(total_bytes, 1), tokens=0)
+
+        def advance(self, *, nbytes: int, tokens: int) -> None:
+            self.tokens += tokens
+            self.bar.update(self.task, advance=nbytes, tokens=self.tokens)
+
+    show_bar = args.progress == "on" or (args.progress == "auto" and err.is_terminal)
+    bar = Bar() if show_bar else None
+    if bar:
+        bar.bar.start()
+    try:
+        report = prep.prepare_dataset(
+            inputs=args.input, out=args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
+            vocab_size=args.vocab_size, eos_token=args.eos_token, eos_id=args.eos_id, text_field=args.text_field,
+            text_column=args.text_column, seq_len=args.seq_len, pack=args.pack, val_fraction=args.val_fraction,
+            encoding_errors=args.encoding_errors, shard_tokens=args.shard_tokens, progress=bar,
+        )
+    finally:
+        if bar:
+            bar.bar.stop()
+
+    s = report.stats
+    t = Table(title=f"fp8lab prepare -> {report.path}")
+    for col in ("", "train", "val", "total"):
+        t.add_column(col, justify="right" if col else "left")
+    for label, key in (("documents", "documents"), ("tokens", "tokens"), ("sequences", "sequences"),
+                       ("dropped tokens", "dropped_tokens")):
+        a, b = s["train"][key], s["val"][key]
+        t.add_row(label, f"{a:,d}", f"{b:,d}", f"{a + b:,d}")
+    slots = (s["train"]["sequences"] + s["val"]["sequences"]) * report.seq_len
+    pads = s["train"]["pad_targets"] + s["val"]["pad_targets"]
+    t.add_row("padding fraction", *(f"{s[n]['padding_fraction']:.2%}" for n in ("train", "val")),
+              f"{pads / slots if slots else 0:.2%}")
+    t.add_row("seconds", "", "", f"{report.seconds:.2f}")
+    out.print(t)
+    tokens = s["train"]["tokens"] + s["val"]["tokens"]
+    out.print(f"{report.input_bytes / 1e6 / max(report.seconds, 1e-9):,.1f} MB/s of input, "
+              f"{tokens / max(report.seconds, 1e-9) / 1e6:,.2f}M tokens/s; seq_len {report.seq_len}, "
+              f"vocab {report.vocab_size}")
+    for note in report.notes:
+        out.print(f"[yellow]note: {note}[/]")
+    out.print(f"train with: fp8lab train --data.path={report.path} --data.seq_len={report.seq_len}")
+    return 0
