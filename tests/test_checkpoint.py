@@ -84,12 +84,7 @@ def test_metadata_that_would_run_code_is_refused(run, tmp_path):
     ckpt = tmp_path / "step-4"
     shutil.copytree(run / "checkpoints" / "step-4", ckpt)
     canary = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {canary}",))
-
-    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    (ckpt / "dcp" / ".metadata").write_bytes(evil_pickle(canary))
     model = Transformer(read_args(run))
     with pytest.raises(FP8LabError, match="damaged: dcp/.metadata"):
         load_model_weights(ckpt, model)  # caught by the manifest first
@@ -227,14 +222,9 @@ def test_a_pickle_inside_a_tensor_payload_never_runs(run, tmp_path):
     ckpt = tmp_path / "step-4"
     shutil.copytree(run / "checkpoints" / "step-4", ckpt)
     canary = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {canary}",))
-
     payload = ckpt / "dcp" / "__0_0.distcp"
     size = payload.stat().st_size
-    evil = pickle.dumps(Evil())
+    evil = evil_pickle(canary)
     payload.write_bytes((evil * (size // len(evil) + 1))[:size])  # same size: every offset now holds a pickle
     reseal(ckpt)
     with pytest.raises(FP8LabError, match="could not be loaded"):
@@ -274,3 +264,12 @@ def test_rng_and_loader_restore_give_the_same_next_numbers_and_batches(tiny_data
              [fresh.next_batch() for _ in range(70)])
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
     assert all(torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]) for a, b_ in zip(first[3], again[3]))
+
+
+def evil_pickle(canary) -> bytes:
+    """A pickle that creates `canary` when loaded: proof, if the file appears, that it ran."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    return pickle.dumps(Evil())

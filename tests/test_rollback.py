@@ -33,7 +33,7 @@ def test_spike_rolls_back_to_the_last_good_checkpoint_and_down_the_ladder(rolled
     assert [e["kind"] for e in events] == ["alarm", "rollback"]
     assert events[0]["step"] == 14 and events[0]["alarm"] == "spike"
     rb = events[1]
-    assert rb["rolled_back_to"] == 8 and rb["recipe"] == "fp8-rowwise"
+    assert rb["step"] == 14 and rb["rolled_back_to"] == 8 and rb["recipe"] == "fp8-rowwise"
     assert rb["skipped"] == [11, 14]  # the micro-batches of steps 12-14 (3 steps), the spike's included
     assert "recipe fp8-tensorwise -> fp8-rowwise" in rb["message"]
     assert summary["status"] == "completed" and summary["recipe"] == "fp8-rowwise" and summary["rollbacks"] == 1

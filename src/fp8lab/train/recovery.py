@@ -66,7 +66,7 @@ class Recovery:
         self.event("rollback", f"rolled back from step {alarm.step} to step {target}; {change}; skipped "
                                f"micro-batches {start}..{end - 1}; rollback {rollbacks} of {gcfg.max_rollbacks}"
                                + (f"; deleted abandoned checkpoints {', '.join(gone)}" if gone else ""),
-                   recipe=self.cfg.precision.recipe, rolled_back_to=target, skipped=[start, end],
+                   step=alarm.step, recipe=self.cfg.precision.recipe, rolled_back_to=target, skipped=[start, end],
                    bf16_layers=self.bf16_layers)
 
     def _choose_change(self) -> str:
