@@ -200,3 +200,15 @@ def test_final_eval_is_in_the_last_metrics_record(tiny_data, tmp_path):
     summary = train(trainer_config(tiny_data), tmp_path)
     last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 6 and last["eval_loss"] == summary["final_eval_loss"]
+
+
+def test_data_longer_than_the_model_or_with_a_larger_vocab_is_refused(tiny_data, tmp_path):
+    from fp8lab.errors import FP8LabError
+
+    with pytest.raises(FP8LabError, match=r"data.seq_len=32 exceeds the debug model's max_seq_len \(16\)"):
+        build(trainer_config(tiny_data, **{"model.max_seq_len": 16}))
+    with pytest.raises(FP8LabError, match=r"model.vocab_size=32 is smaller than the data's vocabulary \(64\)"):
+        build(trainer_config(tiny_data, **{"model.vocab_size": 32}))
+    # a model vocabulary larger than the data's (padded for tensor cores) is normal
+    assert build(trainer_config(tiny_data, **{"model.vocab_size": 128})).model_args.vocab_size == 128
+    assert build(trainer_config(tiny_data)).model_args.vocab_size == 64  # the data's, rounded up to 64
