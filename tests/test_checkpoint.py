@@ -16,7 +16,7 @@ from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
-    MARKER, SafeFileSystemReader, list_complete, load_model_weights, newest_complete, prune, read_state,
+    MARKER, list_complete, load_model_weights, newest_complete, prune, read_state,
 )
 from fp8lab.train.logs import read_jsonl
 from fp8lab.train.trainer import train

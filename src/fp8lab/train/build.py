@@ -9,7 +9,6 @@ before compile (which must trace the converted modules).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path

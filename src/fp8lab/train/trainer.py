@@ -295,7 +295,7 @@ class Trainer(Recovery):
         final_eval = None
         try:
             while self.step < cfg.train.steps:
-                cfg, b = self.cfg, self.b  # a rollback may have rebuilt both
+                cfg = self.cfg  # a rollback may have changed the recipe
                 step = self.step + 1
                 batches, first_index = self.next_batches()
                 if cfg.logging.telemetry_interval and step % cfg.logging.telemetry_interval == 0:
