@@ -16,7 +16,7 @@ from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
-    MARKER, list_complete, load_model_weights, newest_complete, prune, read_state,
+    MARKER, list_complete, load_model_weights, prune, read_state,
 )
 from fp8lab.train.logs import read_jsonl
 from fp8lab.train.trainer import train
@@ -63,7 +63,7 @@ def test_incomplete_and_temporary_folders_are_ignored(tmp_path):
     (root / "step-6.tmp-123").mkdir()
     (root / "step-2").mkdir()
     (root / "step-2" / MARKER).write_text("2\n")
-    assert newest_complete(tmp_path) == (2, root / "step-2")
+    assert list_complete(tmp_path) == [(2, root / "step-2")]
     with pytest.raises(FP8LabError, match="incomplete"):
         read_state(root / "step-5")
 

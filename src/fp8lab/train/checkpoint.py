@@ -116,11 +116,6 @@ def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
     return [(step, p) for step, _, p in sorted(found)]
 
 
-def newest_complete(run_dir: Path) -> tuple[int, Path] | None:
-    found = list_complete(run_dir)
-    return found[-1] if found else None
-
-
 def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     """Flat {name: plain tensor sharing storage with the live one}: saving reads them,
     loading writes into them in place."""

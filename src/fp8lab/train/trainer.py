@@ -5,7 +5,6 @@ the gradient norm, and serves the guard and the log. Rollbacks live in recovery.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 
 from fp8lab.bench.gpus import bf16_peak_tflops
 from fp8lab.config import JobConfig
+from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
+from fp8lab.data.shards import sha256_file
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
 from fp8lab.precision import telemetry
@@ -37,8 +38,6 @@ from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
 from fp8lab.train.schedule import lr_at
-
-IGNORE_INDEX = -100  # targets that carry no loss (padding)
 
 
 @dataclass
@@ -63,7 +62,7 @@ def _mem_peak_gb(device: torch.device) -> float:
 def data_fingerprint(dataset) -> str:
     """sha256 of the data set's manifest, which lists every shard's sha256: a resumed run
     must continue on the data it started on."""
-    return hashlib.sha256((Path(dataset.path) / "manifest.json").read_bytes()).hexdigest()
+    return sha256_file(Path(dataset.path) / "manifest.json")
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
