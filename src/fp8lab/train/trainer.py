@@ -1,6 +1,6 @@
-"""The training loop. `train_step` reads top to bottom: micro-batches, loss, backward,
-clip, guard, optimizer step. One device-to-host transfer per step carries the loss and
-the gradient norm, and serves the guard and the log. Rollbacks live in recovery.py."""
+"""The training loop: batches, the step (step.py), guard, log, eval, checkpoint. The one
+device-to-host transfer per step (in step.py) carries the loss and the gradient norm and
+serves the guard and the log. Rollbacks live in recovery.py."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fp8lab.bench.gpus import bf16_peak_tflops
 from fp8lab.config import JobConfig
@@ -37,15 +35,7 @@ from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
 from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
-from fp8lab.train.schedule import lr_at
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    stepped: bool  # False: the guard skipped the optimizer step
+from fp8lab.train.step import StepResult, to_device, token_loss, train_step
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -63,11 +53,6 @@ def data_fingerprint(dataset) -> str:
     """sha256 of the data set's manifest, which lists every shard's sha256: a resumed run
     must continue on the data it started on."""
     return sha256_file(Path(dataset.path) / "manifest.json")
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
-                           ignore_index=IGNORE_INDEX)
 
 
 class Trainer(Recovery):
@@ -152,11 +137,6 @@ class Trainer(Recovery):
 
     # -- one step ---------------------------------------------------------------------
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.b.device.type == "cuda":  # pinned, so the copy overlaps with compute
-            return t.pin_memory().to(self.b.device, non_blocking=True)
-        return t
-
     def _batch_index(self) -> int:
         """The loader's position as one number: micro-batches served since the run began."""
         loader = self.b.loader
@@ -177,33 +157,7 @@ class Trainer(Recovery):
 
     def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                    drill: float = 1.0) -> StepResult:
-        """One optimizer step on `batches`. `drill` multiplies the first micro-batch's loss
-        (fault drills: NaN, or a spike factor), so the real backward and guard paths see it."""
-        b, cfg = self.b, self.cfg
-        # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
-        # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
-        n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-        loss_sum = torch.zeros((), device=b.device)
-        for i, (x, y) in enumerate(batches):
-            x, y = self._to_device(x), self._to_device(y)
-            with b.autocast():
-                logits = b.model(x)
-            loss = token_loss(logits, y) / n_tokens
-            if i == 0 and drill != 1.0:
-                loss = loss * drill
-            loss.backward()
-            loss_sum += loss.detach()
-        max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), max_norm, foreach=True)
-        loss_val, norm_val = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()  # the one sync
-        lr = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
-        stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
-        if stepped:
-            for group in b.optimizer.param_groups:
-                group["lr"] = lr
-            b.optimizer.step()
-        b.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped)
+        return train_step(self.b, self.cfg, step, batches, drill=drill)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -215,7 +169,7 @@ class Trainer(Recovery):
         total, count = torch.zeros((), device=b.device), 0
         with torch.compiler.set_stance(stance):
             for x, y in b.eval_batches:
-                x, y = self._to_device(x), self._to_device(y)
+                x, y = to_device(x, b.device), to_device(y, b.device)
                 with b.autocast():
                     logits = b.model(x)
                 total += token_loss(logits, y)
@@ -230,7 +184,7 @@ class Trainer(Recovery):
             return []
         from fp8lab.precision.recipes import get_recipe
 
-        x, y = self._to_device(batch[0]), self._to_device(batch[1])
+        x, y = to_device(batch[0], self.b.device), to_device(batch[1], self.b.device)
         return telemetry.collect(self.b.model, get_recipe(recipe), inputs=x,
                                  loss_fn=lambda logits: token_loss(logits, y, reduction="mean"),
                                  autocast=self.b.autocast)

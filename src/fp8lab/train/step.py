@@ -1,0 +1,69 @@
+"""One optimizer step, as a function of the built pieces: the trainer runs it, and
+`fp8lab bench` times it, so the benchmark measures the step that trains.
+
+It reads top to bottom: micro-batches, loss, backward, clip, optimizer step. One
+device-to-host transfer carries the loss and the gradient norm; nothing else syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fp8lab.config import JobConfig
+from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
+from fp8lab.train.build import Built
+from fp8lab.train.schedule import lr_at
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    stepped: bool  # False: a non-finite loss or norm skipped the optimizer step
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
+                           ignore_index=IGNORE_INDEX)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned, so the copy overlaps with compute
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+               drill: float = 1.0) -> StepResult:
+    """One optimizer step on `batches` (host tensors). `drill` multiplies the first
+    micro-batch's loss (fault drills: NaN, or a spike factor), so the real backward and
+    guard paths see it."""
+    # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
+    # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
+    n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    loss_sum = torch.zeros((), device=b.device)
+    for i, (x, y) in enumerate(batches):
+        x, y = to_device(x, b.device), to_device(y, b.device)
+        with b.autocast():
+            logits = b.model(x)
+        loss = token_loss(logits, y) / n_tokens
+        if i == 0 and drill != 1.0:
+            loss = loss * drill
+        loss.backward()
+        loss_sum += loss.detach()
+    max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), max_norm, foreach=True)
+    loss_val, norm_val = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()  # the one sync
+    lr = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
+    stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
+    if stepped:
+        for group in b.optimizer.param_groups:
+            group["lr"] = lr
+        b.optimizer.step()
+    b.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped)
