@@ -225,6 +225,8 @@ class LoggingConfig:
     tensorboard: bool = opt(False, "also write the metrics to RUN/tensorboard (needs the tensorboard extra)")
     telemetry_interval: int = opt(0, "per-layer FP8 telemetry to RUN/telemetry.jsonl every N steps (0: off; "
                                      "it costs a few extra passes over each converted layer's tensors)")
+    fingerprint: bool = opt(False, "record a sha256 of the initial weights in summary.json (fp8lab compare "
+                                   "checks its runs start alike; it copies every weight to the host once)")
 
     def __post_init__(self):
         _check_choices(self, "logging")

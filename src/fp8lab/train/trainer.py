@@ -30,6 +30,7 @@ from fp8lab.train.checkpoint import (
 )
 from fp8lab.train.console import TrainProgress, console, setup_logging
 from fp8lab.train.faults import kill_point
+from fp8lab.train.fingerprint import batch_crc, weights_digest
 from fp8lab.train.guard import Guard
 from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
 from fp8lab.train.recovery import GuardStopped, Recovery
@@ -74,6 +75,9 @@ class Trainer(Recovery):
         self.skipped_steps = 0
         if resume is not None:
             self._restore(resume[1], state)
+        # Taken before the first step: what every recipe of a comparison must share.
+        self.init_digest: str | None = state.get("init_digest") if resume is not None else (
+            weights_digest(self.b.model) if self.cfg.logging.fingerprint else None)
         write_run_config(self.run_dir, self.cfg)
         removed = remove_stale(self.run_dir)
         _, damaged = newest_verified(self.run_dir)
@@ -123,6 +127,7 @@ class Trainer(Recovery):
             "model_args": dataclasses.asdict(self.b.model_args), "skipped_steps": self.skipped_steps,
             "guard": self.guard.state_dict(), "bf16_layers": self.bf16_layers,
             "skip_windows": self.skip_windows, "recipe_history": self.recipe_history,
+            "init_digest": self.init_digest,
         }
         good = self.guard.last_good_step
         save_checkpoint(self.run_dir, step=self.step, model=self.b.model, optimizer=self.b.optimizer,
@@ -216,7 +221,7 @@ class Trainer(Recovery):
             if note != EMULATION_NOTE:  # convert() already said it, loudly
                 console.print(f"  [yellow]note:[/] {note}")
 
-    def _record(self, step: int, r: StepResult, dt: float, *, first_in_process: bool) -> dict:
+    def _record(self, step: int, r: StepResult, dt: float, batches, *, first_in_process: bool) -> dict:
         tps = self.tokens_per_step / dt
         tflops = self.b.flops_per_token * tps / 1e12
         rec = {
@@ -224,6 +229,7 @@ class Trainer(Recovery):
             "tokens": step * self.tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "mem_peak_gb": _mem_peak_gb(self.b.device), "recipe": self.cfg.precision.recipe,
+            "data_crc": batch_crc(batches),
         }
         if first_in_process:
             rec["warmup"] = True  # includes compile and cold caches: left out of the median
@@ -239,59 +245,68 @@ class Trainer(Recovery):
             raise
 
     def _run(self) -> dict:
-        cfg = self.cfg
         self._header()
-        progress = TrainProgress(total=cfg.train.steps, start=self.step, mode=cfg.logging.progress,
-                                 log_interval=cfg.logging.log_interval)
-        last = time.perf_counter()
-        first_step = self.step + 1
-        final_eval = None
+        progress = self.start_loop()
         try:
-            while self.step < cfg.train.steps:
-                cfg = self.cfg  # a rollback may have changed the recipe
-                step = self.step + 1
-                batches, first_index = self.next_batches()
-                if cfg.logging.telemetry_interval and step % cfg.logging.telemetry_interval == 0:
-                    self.logs.layer_stats(step, self.collect_telemetry(batches[0]))
-                result = self.train_step(step, batches, drill=self._drill(first_index))
-                now = time.perf_counter()
-                self.step = step
-                rec = self._record(step, result, now - last, first_in_process=step == first_step)
-                if not result.stepped:
-                    self.skipped_steps += 1
-                    self.event("skip", f"step {step}: non-finite loss {result.loss} or grad norm "
-                                       f"{result.grad_norm}; optimizer step skipped",
-                               loss=rec["loss"], grad_norm=rec["grad_norm"])
-                alarm = self.guard.observe(step, result.loss, result.grad_norm)
-                if alarm is not None:
-                    rec["alarm"] = alarm.kind
-                elif step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
-                    rec["eval_loss"] = final_eval = self.evaluate()
-                self.logs.step(rec)
-                progress.update(rec)
-                kill_point("step-end", step)
-                if alarm is not None:
-                    self.on_alarm(alarm)  # may roll back: self.step, self.b and self.cfg change
-                    final_eval = None
-                    first_step = self.step + 1
-                    last = time.perf_counter()
-                    continue
-                self.guard.update_good(self.ckpt_steps, step)
-                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
-                    self.save()
-                last = time.perf_counter()  # eval and checkpoint time is not step time
-                if step == cfg.debug.stop_at_step:
-                    self.event("stop", f"debug.stop_at_step={step}: stopping as if interrupted")
+            while self.step < self.cfg.train.steps:
+                if self.advance(progress):
+                    self.event("stop", f"debug.stop_at_step={self.step}: stopping as if interrupted")
                     self.logs.close()
                     self.b.loader.close()
-                    return {"stopped_at": step}
+                    return {"stopped_at": self.step}
         finally:
             progress.close()
-        if final_eval is None:  # resumed a run that had already finished: nothing trained now
-            final_eval = self.evaluate()
+        if self.final_eval is None:  # resumed a run that had already finished: nothing trained now
+            self.final_eval = self.evaluate()
         if self.cfg.checkpoint.at_end:
             self.save()
-        return self._finish(final_eval, status="completed")
+        return self._finish(self.final_eval, status="completed")
+
+    def start_loop(self) -> TrainProgress:
+        """Reset the loop's clocks; returns the progress display advance() updates."""
+        self._last = time.perf_counter()
+        self._first_step = self.step + 1
+        self.final_eval: float | None = None
+        cfg = self.cfg
+        return TrainProgress(total=cfg.train.steps, start=self.step, mode=cfg.logging.progress,
+                             log_interval=cfg.logging.log_interval)
+
+    def advance(self, progress: TrainProgress) -> bool:
+        """One iteration of the loop: a step with everything around it (guard, log, eval,
+        checkpoint). True when debug.stop_at_step asks to stop here."""
+        cfg = self.cfg  # a rollback may have changed the recipe
+        step = self.step + 1
+        batches, first_index = self.next_batches()
+        if cfg.logging.telemetry_interval and step % cfg.logging.telemetry_interval == 0:
+            self.logs.layer_stats(step, self.collect_telemetry(batches[0]))
+        result = self.train_step(step, batches, drill=self._drill(first_index))
+        now = time.perf_counter()
+        self.step = step
+        rec = self._record(step, result, now - self._last, batches, first_in_process=step == self._first_step)
+        if not result.stepped:
+            self.skipped_steps += 1
+            self.event("skip", f"step {step}: non-finite loss {result.loss} or grad norm "
+                               f"{result.grad_norm}; optimizer step skipped",
+                       loss=rec["loss"], grad_norm=rec["grad_norm"])
+        alarm = self.guard.observe(step, result.loss, result.grad_norm)
+        if alarm is not None:
+            rec["alarm"] = alarm.kind
+        elif step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
+            rec["eval_loss"] = self.final_eval = self.evaluate()
+        self.logs.step(rec)
+        progress.update(rec)
+        kill_point("step-end", step)
+        if alarm is not None:
+            self.on_alarm(alarm)  # may roll back: self.step, self.b and self.cfg change
+            self.final_eval = None
+            self._first_step = self.step + 1
+            self._last = time.perf_counter()
+            return False
+        self.guard.update_good(self.ckpt_steps, step)
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
+            self.save()
+        self._last = time.perf_counter()  # eval and checkpoint time is not step time
+        return step == cfg.debug.stop_at_step
 
     def _finish(self, final_eval: float | None, *, status: str, reason: str | None = None) -> dict:
         cfg, b = self.cfg, self.b
@@ -308,7 +323,7 @@ class Trainer(Recovery):
             "tokens_per_s_median": statistics.median(timed) if timed else None,
             "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
             "params": sum(p.numel() for p in b.model.parameters()), "flops_per_token": b.flops_per_token,
-            "peak_bf16_tflops": self.peak_tflops, "notes": b.notes,
+            "peak_bf16_tflops": self.peak_tflops, "notes": b.notes, "init_digest": self.init_digest,
             "versions": {"torch": torch.__version__, "torchao": importlib.metadata.version("torchao"),
                          "python": platform.python_version(), "cuda": torch.version.cuda},
         }

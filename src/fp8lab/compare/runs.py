@@ -1,0 +1,117 @@
+"""One run of a comparison: launch `fp8lab train` for a recipe and seed in its own process,
+and read back what it left on disk.
+
+A process per run keeps each recipe's memory peak, compile caches and failures its own: a
+run that crashes or runs out of memory becomes a row saying so, not the end of the
+comparison. Everything is read back from the run directory, so a comparison that was
+interrupted picks up finished runs as they are and resumes the others from their newest
+checkpoint (the trainer does that, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.markup import escape
+
+from fp8lab.compare.verdict import Outcome
+from fp8lab.errors import FP8LabError
+from fp8lab.train.logs import read_jsonl
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    recipe: str
+    seed_index: int
+    train_seed: int
+    data_seed: int
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe} seed {self.seed_index}"
+
+
+def finished_status(run_dir: Path) -> str | None:
+    """'completed' or 'stopped-by-guard' when the run wrote its summary, else None."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["status"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def launch(spec: RunSpec, *, config: Path, extra: list[str], log: Path, echo) -> tuple[str, str | None]:
+    """Run (or resume) `spec` to its end in a child `fp8lab train`; returns (status, reason).
+
+    status: completed | stopped-by-guard | failed. A child killed by a signal (Ctrl-C, kill,
+    the OOM killer) stops the comparison with an FP8LabError saying how to resume it."""
+    cmd = [sys.executable, "-m", "fp8lab", "train", "-c", str(config), "--run-dir", str(spec.run_dir),
+           f"--precision.recipe={spec.recipe}", f"--train.seed={spec.train_seed}",
+           f"--data.seed={spec.data_seed}", "--logging.fingerprint=true", "--logging.progress=off", *extra]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    last_error = None
+    with open(log, "a", buffering=1) as out, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"}) as proc:
+        out.write(f"$ {' '.join(cmd)}\n")
+        for line in proc.stdout:
+            out.write(line)
+            echo(f"[dim]{spec.label}[/] {escape(line.rstrip())}")  # a run's text is not markup
+            if line.startswith("fp8lab: error:"):
+                last_error = line.removeprefix("fp8lab: error:").strip()
+        rc = proc.wait()
+    if rc < 0:
+        name = signal.Signals(-rc).name
+        raise FP8LabError(f"run {spec.run_dir} ({spec.label}) was killed by {name}; run the same fp8lab compare "
+                          "command again to resume it from its newest checkpoint (finished runs are kept)")
+    status = finished_status(spec.run_dir)
+    if status in ("completed", "stopped-by-guard"):
+        return status, None if status == "completed" else last_error
+    return "failed", last_error or f"fp8lab train exited with code {rc}; see {log}"
+
+
+def read_run(spec: RunSpec, status: str, reason: str | None) -> tuple[Outcome, dict, dict]:
+    """(verdict outcome, per-run row for summary.json, curve for the report) from the run dir."""
+    d = spec.run_dir
+    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    recs = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+    events = read_jsonl(d / "events.jsonl") if (d / "events.jsonl").is_file() else []
+    alarms = [{"step": e["step"], "kind": e.get("alarm", "alarm"), "message": e["message"]}
+              for e in events if e.get("kind") == "alarm"]
+    wall, curve = 0.0, {"step": [], "loss": [], "wall_s": [], "tokens_per_s": [], "eval_step": [], "eval_loss": []}
+    for r in recs:
+        wall += r["step_time_s"]
+        curve["step"].append(r["step"])
+        curve["loss"].append(r["loss"])
+        curve["wall_s"].append(wall)
+        curve["tokens_per_s"].append(r["tokens_per_s"])
+        if r.get("eval_loss") is not None:
+            curve["eval_step"].append(r["step"])
+            curve["eval_loss"].append(r["eval_loss"])
+    outcome = Outcome(seed=spec.seed_index, status=status, losses=curve["loss"],
+                      eval_loss=summary.get("final_eval_loss"), steps=summary.get("steps", len(recs)),
+                      rollbacks=summary.get("rollbacks", 0), alarms=alarms)
+    row = {"seed": spec.seed_index, "train_seed": spec.train_seed, "data_seed": spec.data_seed,
+           "run_dir": str(d), "status": status, "reason": reason, "steps": outcome.steps,
+           "tokens_per_s": summary.get("tokens_per_s_median"), "mem_peak_gb": summary.get("mem_peak_gb"),
+           "final_train_loss": summary.get("final_train_loss"), "final_eval_loss": outcome.eval_loss,
+           "rollbacks": outcome.rollbacks, "alarms": alarms, "init_digest": summary.get("init_digest"),
+           "emulated": summary.get("emulated"), "converted": (summary.get("conversion") or {}).get("num_converted"),
+           "data_crc": [r.get("data_crc") for r in recs]}
+    return outcome, row, curve
+
+
+def environment(summaries: list[dict]) -> dict:
+    """Device and versions from the runs' summaries (all ran on this machine)."""
+    s = next(iter(summaries), {})
+    versions = s.get("versions", {})
+    notes = list(dict.fromkeys(n for x in summaries for n in x.get("notes", [])))
+    return {"device": s.get("device"), "torch": versions.get("torch"), "torchao": versions.get("torchao"),
+            "cuda": versions.get("cuda"), "python": versions.get("python"),
+            "emulated": any(x.get("emulated") for x in summaries), "notes": notes}
