@@ -51,3 +51,23 @@ def test_demo_spike_drill_rolls_back_down_the_ladder_and_finishes(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["recipe"] == "fp8-rowwise" and summary["rollbacks"] == 1 and summary["steps"] == 40
     assert summary["status"] == "completed" and summary["final_train_loss"] < 4
+
+
+def test_demo_compare_writes_summary_and_report(tmp_path):
+    """The compare issue's acceptance command, as `make demo` runs it but shorter."""
+    out = tmp_path / "R"
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fp8lab", "compare", "-c", str(REPO / "configs" / "demo.toml"),
+         "--recipes", "bf16,fp8-tensorwise", "--train.steps=30", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["recipe"] for r in summary["results"]] == ["bf16", "fp8-tensorwise"]
+    # 30 steps of the demo: the loss falls in both, and the verdict says it is too early to tell.
+    assert all(r["final_eval_loss"] < 3.5 for r in summary["results"])
+    assert summary["results"][1]["verdict"] == "inconclusive" and "too few" in summary["results"][1]["verdict_detail"]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert list((out / "plots").glob("*.png"))
+    assert f"report: {out / 'report.html'}" in proc.stdout

@@ -5,7 +5,9 @@ $FP8LAB_CACHE (default ~/.cache/fp8lab), keyed by the device name and the torch 
 
 Method (as ../shared/gpu/README.md and the mmapeak caveat ask): random data, never zeros
 (zeros draw less power and run faster); warm-up first; CUDA events; the median of the timed
-iterations. torch is imported inside the functions that need it.
+iterations. torch is imported inside the functions that need it. `time_linear` also runs on
+CPU (wall clock, FP8 emulated) for `fp8lab bench --layers`; those numbers describe the
+emulation, not FP8 hardware.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -181,24 +184,49 @@ def layer_key(device_name: str, recipe: str, m: int, k: int, n: int, compiled: b
     return f"{device_name} | torch {_torch_version()} | torchao {ao} | {recipe} | {m}x{k}x{n} | compile={compiled}"
 
 
+def _time_wall(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
+    """Median seconds of fn() by the wall clock: for CPU, where every call is synchronous."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_linear(m: int, k: int, n: int, recipe: str, device, *, compiled: bool = True,
-                warmup: int = 3, iters: int = 10) -> float:
+                warmup: int = 3, iters: int = 10, emulate: bool | None = None, dtype=None) -> float:
     """Median seconds of one forward + backward of a (k -> n) linear on m tokens under
-    `recipe` ("bf16": the plain layer under bf16 autocast), on CUDA `device`, as the trainer
-    runs it: fp32 master weight, bf16 autocast, torch.compile when `compiled`."""
+    `recipe` ("bf16": the plain layer under autocast), as the trainer runs it: fp32 master
+    weight, its compute dtype, torch.compile when `compiled`.
+
+    CUDA: real FP8 kernels, CUDA events. CPU: TorchAO's emulation, wall clock; the numbers
+    say how the emulation compares with CPU bf16, nothing about FP8 hardware.
+    emulate: None = emulated on CPU only. dtype: the autocast dtype (torch.float32: none);
+    None = the trainer's default, bf16 autocast except FP8 on CPU, which computes in fp32
+    (train.build.CPU_FP8_FP32_NOTE).
+    """
     import torch
     from torch import nn
 
     from fp8lab.precision.convert import convert
 
-    if device.type != "cuda":
-        raise FP8LabError("timing layers needs a CUDA GPU")
+    if device.type not in ("cuda", "cpu"):
+        raise FP8LabError(f"timing layers needs a CUDA GPU or the CPU, not {device.type!r}")
+    cuda = device.type == "cuda"
+    low_precision = recipe != "bf16"
+    if emulate is None:
+        emulate = not cuda
+    if dtype is None:
+        dtype = torch.float32 if (low_precision and not cuda) else torch.bfloat16
     # The trainer calls this between seeding and training: leave its RNG streams untouched.
-    with torch.random.fork_rng(devices=[device.index or 0]):
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(k, n, bias=False)).to(device)
-        if recipe != "bf16":
-            convert(model, recipe=recipe, emulate="off", skip_modules=(), _gate=False)
+        if low_precision:
+            convert(model, recipe=recipe, emulate="on" if emulate else "off", skip_modules=(), _gate=False)
         if compiled:
             # A fresh module per call recompiles nn.Sequential.forward; past dynamo's recompile
             # limit it would silently run eager. Called before the trainer compiles anything.
@@ -208,11 +236,16 @@ def time_linear(m: int, k: int, n: int, recipe: str, device, *, compiled: bool =
         grad = torch.randn(m, n, device=device)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            if dtype == torch.float32:
                 y = model(x)
+            else:
+                with torch.autocast(device.type, dtype=dtype):
+                    y = model(x)
             y.backward(grad.to(y.dtype))
 
-        return _time_cuda(step, warmup=warmup, iters=iters)
+        if cuda:
+            return _time_cuda(step, warmup=warmup, iters=iters)
+        return _time_wall(step, warmup=warmup, iters=iters)
 
 
 def cached_layer_times(device, recipe: str, m: int, k: int, n: int, *, compiled: bool = True) -> dict:

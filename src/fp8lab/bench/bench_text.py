@@ -1,0 +1,65 @@
+"""`fp8lab bench` as text: the per-recipe and per-layer tables (console and markdown) and
+the headline, from the result dict of step_bench.run_bench."""
+
+from __future__ import annotations
+
+
+def _f(v, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else format(v, spec) + suffix
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-recipe table as (header, rows) of text, for the console and for markdown."""
+    head = ["recipe", "status", "tokens/s", "vs bf16", "spread (min-max, IQR)", "step ms", "TFLOP/s", "MFU",
+            "peak mem GB", "FP8 linears", "startup s", "note"]
+    out = []
+    for r in result["recipes"]:
+        if r["status"] != "ok":
+            out.append([r["recipe"], r["status"], *["-"] * 9, r["reason"]])
+            continue
+        spread = f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}, {r['iqr_pct']:.1f}%"
+        note = "EMULATED (see note)" if r["emulated"] else ""
+        if r["skipped_steps"]:
+            note = f"{r['skipped_steps']} non-finite steps skipped the optimizer; " + note
+        out.append([r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}", _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
+                    f"{r['step_time_s'] * 1e3:,.1f}", f"{r['tflops']:.3g}", _f(r["mfu"], ".1%"),
+                    f"{r['mem_peak_gb']:.2f}", str(r["converted"]), f"{r['startup_s']:.1f}", note])
+    return head, out
+
+
+def layer_table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["linear", "m x k x n", "count", "recipe", "bf16 ms", "recipe ms", "bf16/recipe", "converted in step"]
+    out = []
+    for r in (result["layers"] or {}).get("rows", []):
+        out.append([", ".join(r["names"]), f"{r['m']}x{r['k']}x{r['n']}", str(r["count"]), r["recipe"],
+                    _f(r["bf16_ms"], ".3f"), _f(r["recipe_ms"], ".3f"),
+                    _f(r["ratio"], ".2f", "x") if "error" not in r else "failed: " + r["error"],
+                    f"{r['converted']}/{r['count']}"])
+    return head, out
+
+
+def headline(result: dict) -> str:
+    r = result
+    params = f" ({r['params'] / 1e6:,.1f}M params)" if r["params"] else ""
+    accum = f" x {r['grad_accum_steps']} micro-batches" if r["grad_accum_steps"] > 1 else ""
+    compiled = "" if r["compiled"] is None else f", compile {'on' if r['compiled'] else 'off'}"
+    return (f"fp8lab bench: {r['model']['preset']}{params} on {r['device']}, {r['tokens_per_step']:,} tokens/step "
+            f"({r['micro_batch_size']} x {r['seq_len']}{accum}){compiled}, {r['warmup_steps']} warm-up + "
+            f"{r['timed_steps']} timed steps, {r['timing']}")
+
+
+def to_markdown(result: dict) -> str:
+    def md(head: list[str], rows: list[list[str]]) -> list[str]:
+        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *("| " + " | ".join(esc(c) for c in row) + " |" for row in rows)]
+
+    v = result["versions"]
+    lines = [f"# {headline(result)}", "",
+             f"torch {v['torch']}, torchao {v['torchao']}, CUDA {v['cuda']}, Python {v['python']}; "
+             f"memory: {result['memory']}; MFU against the dense BF16 peak "
+             f"({_f(result['peak_bf16_tflops'], 'g', ' TFLOP/s')})", "", *md(*table_rows(result))]
+    if result["layers"] is not None:
+        lines += ["", f"Per linear shape: {result['layers']['what']}.", "", *md(*layer_table_rows(result))]
+    lines += [""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,448 @@
+"""`fp8lab bench`: steady-state training-step throughput per recipe, measured side by side.
+
+Each recipe runs in its own worker process (`python -m fp8lab.bench.step_bench --worker`):
+its peak memory is its own, its compile caches start cold, and a crash or an out-of-memory
+becomes a "failed" row with the reason instead of the end of the benchmark. The worker builds
+the run as `fp8lab train` does (train.build.build) and times train.step.train_step, the step
+the trainer runs: forward, loss, backward, clip, optimizer. Every recipe starts from the same
+weights (build seeds train.seed before building) and trains on the same micro-batches (the
+loader's first `train.grad_accum_steps`, taken once and reused every step).
+
+Timing: `warmup` steps first (compile, cold caches, allocator growth), reported together with
+the build as startup_s; then `steps` timed steps, each by CUDA events on a GPU and by the wall
+clock on CPU. The figure is the median; the spread is min/max tokens/s and the interquartile
+range of the step times as a percentage of the median. Speedups are against the bf16 row of
+the same invocation, never another baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import atomic_write
+
+FORMAT = 1
+BASELINE = "bf16"
+DEFAULT_RECIPES = "bf16,fp8-tensorwise,fp8-rowwise"
+LAYER_WARMUP, LAYER_ITERS = 3, 10
+EMULATED_SPEED_NOTE = ("emulated FP8 speed is NOT representative of FP8 hardware: on this device the "
+                       "speedup compares TorchAO's emulation (fp32 compute) with bf16, and says nothing "
+                       "about an FP8 GPU")
+
+
+@dataclass
+class BenchOptions:
+    config: str | None
+    overrides: dict[str, str] = field(default_factory=dict)  # section.key -> text, as on the command line
+    recipes: list[str] = field(default_factory=lambda: DEFAULT_RECIPES.split(","))
+    warmup: int = 3
+    steps: int = 10
+    layers: bool = False
+    random_data: bool = False
+    timeout_s: float | None = None  # per recipe; None: no limit
+
+
+def parse_recipes(text: str) -> list[str]:
+    """'bf16, fp8-rowwise' -> ['bf16', 'fp8-rowwise']; an unknown name is an FP8LabError
+    naming it and listing the known ones; duplicates are dropped."""
+    from fp8lab.precision.recipes import get_recipe
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise FP8LabError(f"--recipes {text!r} names no recipe; e.g. --recipes {DEFAULT_RECIPES}")
+    for n in names:
+        get_recipe(n)  # raises with the known names
+    return list(dict.fromkeys(names))
+
+
+def check_options(opts: BenchOptions) -> None:
+    for flag, value, low in (("--steps", opts.steps, 1), ("--warmup", opts.warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise FP8LabError(f"{flag} {value!r} must be an integer >= {low}")
+    if opts.timeout_s is not None and not opts.timeout_s > 0:
+        raise FP8LabError(f"--timeout {opts.timeout_s!r} must be a number of seconds > 0")
+    if "precision.recipe" in opts.overrides:
+        raise FP8LabError("--precision.recipe has no effect in bench: name the recipes with --recipes")
+    if not opts.recipes:
+        raise FP8LabError("--recipes names no recipe")
+
+
+# -- data without a prepared data set ------------------------------------------------------------
+
+
+def random_dataset(*, vocab: int, seq_len: int, count: int) -> Path:
+    """A data directory of `count` random sequences (speed does not depend on what the tokens
+    say), written once into the cache and reused, keyed by vocabulary, length and count."""
+    import numpy as np
+
+    from fp8lab.bench.measure import cache_dir
+    from fp8lab.data import DatasetExistsError, write_dataset
+
+    path = cache_dir() / "bench-data" / f"random-v{vocab}-s{seq_len}-n{count}"
+    if (path / "manifest.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = np.random.default_rng(0).integers(0, vocab, size=(count, seq_len + 1))
+    try:
+        # val: build() needs one held-out batch even though bench never evaluates.
+        return write_dataset(path, train=[tokens], val=[tokens], seq_len=seq_len, vocab_size=vocab, eos_id=None,
+                             tokenizer={"type": "random"}, sources=[{"kind": "random", "seed": 0}])
+    except DatasetExistsError:
+        if (path / "manifest.json").exists():  # another bench wrote it first
+            return path
+        raise
+
+
+# -- the worker: one recipe, in its own process ------------------------------------------------
+
+
+def peak_memory_gb(device) -> float:
+    """As the trainer's mem_peak_gb: CUDA max allocated; CPU the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+
+
+def summarise(times: list[float], tokens_per_step: int) -> dict:
+    """Median step time and tokens/s, and the spread over the timed steps."""
+    med = statistics.median(times)
+    q1, q3 = (statistics.quantiles(times, n=4, method="inclusive")[::2] if len(times) > 1 else (med, med))
+    return {"step_time_s": med, "tokens_per_s": tokens_per_step / med,
+            "tokens_per_s_min": tokens_per_step / max(times), "tokens_per_s_max": tokens_per_step / min(times),
+            "iqr_pct": 100.0 * (q3 - q1) / med}
+
+
+def linear_shapes(model, converted: set[str]) -> list[dict]:
+    """The model's distinct nn.Linear shapes: {'names', 'k', 'n', 'count', 'converted'}, names
+    without the block index ('attention.wq'), `converted` how many of them the recipe converted."""
+    from torch import nn
+
+    groups: dict[tuple[int, int], dict] = {}
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            k, n = mod.in_features, mod.out_features
+            g = groups.setdefault((k, n), {"names": [], "k": k, "n": n, "count": 0, "converted": 0})
+            name = re.sub(r"^layers\.\d+\.", "", fqn)
+            if name not in g["names"]:
+                g["names"].append(name)
+            g["count"] += 1
+            g["converted"] += fqn in converted
+    return list(groups.values())
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None  # JSON has no NaN
+
+
+def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, emulated: bool, dtype,
+                bf16_dtype) -> list[dict]:
+    """Each shape's forward + backward in bf16 and under `recipe`, in this process, one after
+    the other (bench.measure.time_linear). A shape that fails is a row with its error."""
+    from fp8lab.bench.measure import time_linear
+
+    rows = []
+    for s in shapes:
+        row = {**s, "m": m, "recipe": recipe.name, "bf16_ms": None, "recipe_ms": None, "ratio": None}
+        if s["k"] % recipe.dim_multiple or s["n"] % recipe.dim_multiple:
+            why = f"dims not multiples of {recipe.dim_multiple}: {recipe.name} cannot convert it"
+            rows.append(row | {"error": why})
+            continue
+        try:
+            b = time_linear(m, s["k"], s["n"], "bf16", device, compiled=compiled, dtype=bf16_dtype,
+                            warmup=LAYER_WARMUP, iters=LAYER_ITERS)
+            r = time_linear(m, s["k"], s["n"], recipe.name, device, compiled=compiled, emulate=emulated, dtype=dtype,
+                            warmup=LAYER_WARMUP, iters=LAYER_ITERS)
+            row.update(bf16_ms=b * 1e3, recipe_ms=r * 1e3, ratio=b / r)
+        except Exception as e:  # noqa: BLE001 - one shape failing is a finding; time the others
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        rows.append(row)
+    return rows
+
+
+def measure(spec: dict) -> dict:
+    """Build the run of `spec` (config, overrides incl. precision.recipe), warm up, time the
+    steps; the result row. Runs in the worker process."""
+    import gc
+
+    import torch
+
+    from fp8lab.bench.gpus import bf16_peak_tflops
+    from fp8lab.config import load_config
+    from fp8lab.precision import get_recipe
+    from fp8lab.precision.capability import device_name
+    from fp8lab.train.build import build, resolve_compute_dtype
+    from fp8lab.train.step import train_step
+
+    cfg = load_config(spec["config"], spec["overrides"])
+    # A fresh process: CUDA's peak-allocated counter and ru_maxrss both start here, so the
+    # peak is this recipe's alone (build, warm-up and timed steps; not the layer timings).
+    t0 = time.perf_counter()
+    b = build(cfg)
+    batches = [b.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+    b.loader.close()
+    cuda = b.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(b.device)) if cuda else (lambda: None)
+    sync()
+    build_s = time.perf_counter() - t0
+    step = 0
+    for _ in range(spec["warmup"]):
+        step += 1
+        train_step(b, cfg, step, batches)
+    sync()
+    startup_s = time.perf_counter() - t0
+    times, losses, skipped = [], [], 0
+    for _ in range(spec["steps"]):
+        step += 1
+        if cuda:
+            # train_step syncs once (loss and norm to the host) but queues the optimizer after
+            # it: the end event waits for everything the step queued.
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            r = train_step(b, cfg, step, batches)
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t = time.perf_counter()
+            r = train_step(b, cfg, step, batches)
+            dt = time.perf_counter() - t
+        times.append(dt)
+        losses.append(r.loss)
+        skipped += not r.stepped
+    mem = peak_memory_gb(b.device)
+
+    name = device_name(b.device)
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+    stats = summarise(times, tokens_per_step)
+    tflops = b.flops_per_token * stats["tokens_per_s"] / 1e12
+    peak = bf16_peak_tflops(name) if cuda else None
+    row = {
+        "recipe": cfg.precision.recipe, "status": "ok", "reason": None, "emulated": b.report.emulated,
+        "compute_dtype": str(b.compute_dtype).removeprefix("torch."), "compiled": b.compiled,
+        "converted": b.report.num_converted, "params": sum(p.numel() for p in b.model.parameters()),
+        "flops_per_token": b.flops_per_token, "tokens_per_step": tokens_per_step, "device": name,
+        "build_s": build_s, "startup_s": startup_s, "warmup_steps": spec["warmup"], "steps": len(times),
+        "step_times_s": times, **stats, "tflops": tflops, "mfu": tflops / peak if peak else None,
+        "peak_bf16_tflops": peak, "mem_peak_gb": mem, "skipped_steps": skipped,
+        "loss_first": _finite(losses[0]), "loss_last": _finite(losses[-1]), "notes": list(b.notes),
+    }
+    if spec.get("layers") and b.report.recipe != BASELINE:
+        shapes = linear_shapes(b.model, {c["name"] for c in b.report.converted})
+        recipe, device, compiled, dtype = get_recipe(b.report.recipe), b.device, b.compiled, b.compute_dtype
+        emulated = b.report.emulated
+        del b, batches  # the step's memory is measured; the layers get the device to themselves
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        bf16_dtype = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=False, device=device)
+        row["layers"] = time_layers(shapes, recipe=recipe, m=cfg.data.micro_batch_size * cfg.data.seq_len,
+                                    device=device, compiled=compiled, emulated=emulated, dtype=dtype,
+                                    bf16_dtype=bf16_dtype)
+    return row
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fp8lab.bench.step_bench", description="one recipe of `fp8lab bench`")
+    p.add_argument("--worker", required=True, help="the spec, as JSON")
+    p.add_argument("--result", required=True, type=Path, help="where to write the result row (JSON)")
+    args = p.parse_args(argv)
+    try:
+        row = measure(json.loads(args.worker))
+    except FP8LabError as e:
+        print(f"fp8lab: error: {e}", file=sys.stderr)
+        return 2
+    atomic_write(args.result, json.dumps(row))
+    return 0
+
+
+# -- the parent: gate, launch, collect ----------------------------------------------------------
+
+
+_ERROR_LINE = re.compile(r"^(fp8lab: error: |[\w.]*(Error|Exception|Interrupt)\b)")
+
+
+def failure_reason(returncode: int | None, log: str, timeout_s: float | None) -> str:
+    """One line saying why a worker produced no result: the last error line it printed."""
+    if returncode is None:
+        return f"timed out after {timeout_s:g} s (--timeout) and was killed"
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = str(-returncode)
+        extra = " (the kernel's out-of-memory killer?)" if returncode == -signal.SIGKILL else ""
+        return f"killed by signal {sig}{extra}" + (f"; last output: {lines[-1][:200]}" if lines else "")
+    err = next((ln for ln in reversed(lines) if _ERROR_LINE.match(ln)), lines[-1] if lines else "")
+    return f"exit code {returncode}: {err[:400]}" if err else f"exit code {returncode}, no output"
+
+
+def _worker_env() -> dict[str, str]:
+    # The worker must import this same fp8lab, installed or not.
+    src = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def launch(spec: dict, workdir: Path, *, timeout_s: float | None) -> dict:
+    """Run one recipe's worker; its row, or a failed row with the reason and the log's tail."""
+    name = spec["overrides"]["precision.recipe"]
+    result, log = workdir / f"{name}.json", workdir / f"{name}.log"
+    cmd = [sys.executable, "-m", "fp8lab.bench.step_bench", "--worker", json.dumps(spec), "--result", str(result)]
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        # Its own session, so a timeout or Ctrl-C here takes down its compile workers too.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_worker_env(), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    if rc == 0 and result.exists():
+        return json.loads(result.read_text()) | {"wall_s": wall}
+    return {"recipe": name, "status": "failed", "reason": failure_reason(rc, text, timeout_s), "wall_s": wall,
+            "log_tail": text.splitlines()[-30:]}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    def v(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"torch": torch.__version__, "torchao": v("torchao"), "python": platform.python_version(),
+            "cuda": torch.version.cuda}
+
+
+def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """The whole benchmark: the result dict (see README, "fp8lab bench")."""
+    check_options(opts)
+    from fp8lab.config import load_config
+    from fp8lab.models.presets import PRESETS
+    from fp8lab.precision import get_recipe, resolve_emulation
+    from fp8lab.precision.capability import device_name
+    from fp8lab.train.build import model_args_for, open_data, pick_device, resolve_compute_dtype
+
+    overrides = dict(opts.overrides)
+    cfg = load_config(opts.config, overrides)
+    notes: list[str] = []
+    if opts.random_data:
+        vocab = cfg.model.vocab_size or PRESETS[cfg.model.preset].vocab_size
+        path = random_dataset(vocab=vocab, seq_len=cfg.data.seq_len,
+                              count=cfg.data.micro_batch_size * cfg.train.grad_accum_steps)
+        overrides["data.path"] = str(path)
+        cfg = load_config(opts.config, overrides)
+        notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
+                     f"of vocabulary {vocab} ({path})")
+    device = pick_device(cfg.train.device)
+    # Data and model errors surface here, once, before any worker starts (and the embedded
+    # corpus is built once, not raced by the workers).
+    args = model_args_for(cfg, open_data(cfg).vocab_size)
+    name = device_name(device)
+    cuda = device.type == "cuda"
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fp8lab-bench-") as tmp:
+        for rname in opts.recipes:
+            recipe = get_recipe(rname)
+            try:  # the trainer's own gate: what it would refuse is unsupported here
+                resolve_emulation(recipe, device, cfg.precision.emulate)
+                resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,
+                                      device=device)
+            except FP8LabError as e:
+                rows.append({"recipe": rname, "status": "unsupported", "reason": str(e)})
+                progress(f"{rname}: unsupported: {e}")
+                continue
+            progress(f"{rname}: build + {opts.warmup} warm-up + {opts.steps} timed steps"
+                     + (" + layer timings" if opts.layers and recipe.is_low_precision else "") + " ...")
+            spec = {"config": opts.config, "overrides": overrides | {"precision.recipe": rname},
+                    "warmup": opts.warmup, "steps": opts.steps, "layers": opts.layers}
+            row = launch(spec, Path(tmp), timeout_s=opts.timeout_s)
+            rows.append(row)
+            if row["status"] == "ok":
+                progress(f"{rname}: {row['tokens_per_s']:,.0f} tokens/s (startup {row['startup_s']:.1f} s, "
+                         f"{row['wall_s']:.0f} s in all)")
+            else:
+                progress(f"{rname}: failed: {row['reason']}")
+
+    base = next((r for r in rows if r["recipe"] == BASELINE and r["status"] == "ok"), None)
+    for r in rows:  # emulated rows already carry EMULATION_NOTE (build's notes)
+        if r["status"] == "ok":
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+    if base is None:
+        notes.append("no speedups: bf16, the baseline, " + ("was not measured" if BASELINE not in opts.recipes
+                                                            else "did not run") + " in this invocation")
+    if any(r.get("emulated") for r in rows):
+        notes.append(EMULATED_SPEED_NOTE)
+    ok = [r for r in rows if r["status"] == "ok"]
+    if any(r["skipped_steps"] for r in ok):
+        notes.append("some timed steps had a non-finite loss or gradient norm and skipped the optimizer step "
+                     "(see skipped_steps): those steps are cheaper than real ones")
+    layer_rows = [lr for r in rows for lr in r.pop("layers", [])]
+    compiled = next((r["compiled"] for r in ok), None)
+    return {
+        "format": FORMAT, "config": opts.config, "overrides": overrides, "device": name,
+        "model": {"preset": cfg.model.preset, **dataclasses.asdict(args)},
+        "params": next((r["params"] for r in ok), None), "seq_len": cfg.data.seq_len,
+        "micro_batch_size": cfg.data.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+        "tokens_per_step": tokens_per_step, "warmup_steps": opts.warmup, "timed_steps": opts.steps,
+        "timing": ("CUDA events around each train_step" if cuda
+                   else "wall clock (time.perf_counter) around each train_step"),
+        "compiled": compiled,
+        "startup": ("startup_s = build + warm-up steps, torch.compile included when compiled; torch's on-disk "
+                    "compile caches outlive the process, so a repeated run starts faster"),
+        "memory": ("torch.cuda.max_memory_allocated of the recipe's process" if cuda
+                   else "peak resident set (ru_maxrss) of the recipe's process, Python and torch included"),
+        "peak_bf16_tflops": next((r["peak_bf16_tflops"] for r in ok), None), "baseline": BASELINE,
+        "recipes": rows,
+        "layers": None if not opts.layers else {
+            "what": (f"one nn.Linear (in k -> out n, fp32 master weight) forward + backward on m = "
+                     f"micro_batch_size x seq_len = {cfg.data.micro_batch_size * cfg.data.seq_len} random tokens, "
+                     f"bf16 and the recipe each timed in that recipe's worker process, "
+                     f"{'compiled' if compiled else 'eager'}, median of {LAYER_ITERS} after {LAYER_WARMUP} warm-up, "
+                     + ("CUDA events" if cuda else "wall clock, FP8 emulated") + "; ratio = bf16 ms / recipe ms "
+                     "(> 1: the recipe is faster); converted = how many of these layers the step above converted"),
+            "rows": layer_rows},
+        "notes": notes, "versions": _versions(),
+    }
+
+
+def exit_code(result: dict) -> int:
+    """0 when every supported recipe ran (unsupported rows are findings), 1 when one failed."""
+    return 1 if any(r["status"] == "failed" for r in result["recipes"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
