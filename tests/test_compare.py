@@ -150,3 +150,10 @@ def test_an_unrelated_directory_is_not_used_as_out(tmp_path):
     proc = run_cli(["compare", "--out", str(out), "--recipes", "bf16", *tiny_args()], cache=tmp_path / "cache")
     assert proc.returncode == 2 and "holds no fp8lab comparison" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_show_prints_a_comparison(compared):
+    out, _ = compared
+    proc = run_cli(["show", str(out)], cache=out.parent / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "inconclusive" in proc.stdout and "baseline" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout

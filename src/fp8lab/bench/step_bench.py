@@ -350,9 +350,9 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
     check_options(opts)
     from fp8lab.config import load_config
     from fp8lab.models.presets import PRESETS
-    from fp8lab.precision import get_recipe, resolve_emulation
-    from fp8lab.precision.capability import device_name
-    from fp8lab.train.build import model_args_for, open_data, pick_device, resolve_compute_dtype
+    from fp8lab.precision import get_recipe
+    from fp8lab.precision.gate import check_recipes_here
+    from fp8lab.train.build import model_args_for, open_data
 
     overrides = dict(opts.overrides)
     cfg = load_config(opts.config, overrides)
@@ -365,25 +365,23 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
         cfg = load_config(opts.config, overrides)
         notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
                      f"of vocabulary {vocab} ({path})")
-    device = pick_device(cfg.train.device)
+    # The trainer's own gate (in a child process where there is CUDA: this process must not
+    # hold a CUDA context while the workers measure): what it would refuse is unsupported.
+    gate = check_recipes_here(opts.recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
+                              compute_dtype=cfg.precision.compute_dtype)
     # Data and model errors surface here, once, before any worker starts (and the embedded
     # corpus is built once, not raced by the workers).
     args = model_args_for(cfg, open_data(cfg).vocab_size)
-    name = device_name(device)
-    cuda = device.type == "cuda"
+    name, cuda = gate["device"], gate["cuda"]
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fp8lab-bench-") as tmp:
         for rname in opts.recipes:
             recipe = get_recipe(rname)
-            try:  # the trainer's own gate: what it would refuse is unsupported here
-                resolve_emulation(recipe, device, cfg.precision.emulate)
-                resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,
-                                      device=device)
-            except FP8LabError as e:
-                rows.append({"recipe": rname, "status": "unsupported", "reason": str(e)})
-                progress(f"{rname}: unsupported: {e}")
+            if rname in gate["unsupported"]:
+                rows.append({"recipe": rname, "status": "unsupported", "reason": gate["unsupported"][rname]})
+                progress(f"{rname}: unsupported: {gate['unsupported'][rname]}")
                 continue
             progress(f"{rname}: build + {opts.warmup} warm-up + {opts.steps} timed steps"
                      + (" + layer timings" if opts.layers and recipe.is_low_precision else "") + " ...")

@@ -101,19 +101,12 @@ def prepare_out(plan: Plan) -> Path:
 
 
 def _gate(recipes: list[str], cfg: JobConfig) -> dict[str, str]:
-    """{recipe: why this machine cannot run it}, decided the way training decides."""
-    from fp8lab.precision.capability import resolve_emulation
-    from fp8lab.precision.recipes import get_recipe
-    from fp8lab.train.build import pick_device
+    """{recipe: why this machine cannot run it}, decided the way training decides (in a child
+    process where there is CUDA, so this one holds no GPU memory while the runs train)."""
+    from fp8lab.precision.gate import check_recipes_here
 
-    device = pick_device(cfg.train.device)
-    out = {}
-    for r in recipes:
-        try:
-            resolve_emulation(get_recipe(r), device, cfg.precision.emulate)
-        except FP8LabError as e:
-            out[r] = str(e)
-    return out
+    return check_recipes_here(recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
+                              compute_dtype=cfg.precision.compute_dtype)["unsupported"]
 
 
 def _checks(rows: list[dict]) -> dict:
