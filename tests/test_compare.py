@@ -16,10 +16,11 @@ from fp8lab.train.logs import read_jsonl
 RECIPES = "bf16,fp8-tensorwise"
 
 
-def compare_args(data, out, *extra) -> list[str]:
+def compare_args(data, out, *extra, budget=("--tokens", "3000")) -> list[str]:
+    """The tiny model with 2 micro-batches of 4 x 32 tokens per step: --tokens 3000 = 12 steps."""
     return ["compare", "--recipes", RECIPES, "--out", str(out),
-            *tiny_args(data__path=data, train__steps=12, checkpoint__interval=4, train__eval_batches=2),
-            *extra]
+            *tiny_args(data__path=data, checkpoint__interval=4, train__eval_batches=2, train__grad_accum_steps=2),
+            *budget, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_runs_of_a_seed_share_weights_and_batches_and_seeds_differ(compared):
     runs = {(row["recipe"], row["seed"]): row for r in summary["results"] for row in
             [dict(x, recipe=r["recipe"]) for x in r["runs"]]}
     assert set(runs) == {(r, s) for r in RECIPES.split(",") for s in (0, 1)}
+    assert summary["steps"] == 12 and summary["tokens_per_step"] == 256 and "--tokens 3,000: 12 steps" in proc.stdout
     # Read what the runs recorded, independently of compare's own check.
     crcs = {k: [m["data_crc"] for m in read_jsonl(out / "runs" / f"{k[0]}-seed{k[1]}" / "metrics.jsonl")]
             for k in runs}
@@ -97,33 +99,64 @@ def test_a_killed_comparison_resumes_to_the_same_summary(compared, tiny_data, tm
     out = tmp_path / "C"
     args = [sys.executable, "-m", "fp8lab", *compare_args(tiny_data, out), "--seeds", "2"]
     env = cli_env(tmp_path / "cache")
-    # The first run is killed with SIGKILL after step 6 (its step-4 checkpoint is on disk).
+    # Every run is killed with SIGKILL after step 6 (as the OOM killer would; its step-4
+    # checkpoint is on disk): each is a failed row, the comparison still reports, exit 1.
     killed = subprocess.run(args, env=env | {"FP8LAB_KILL_AT": "step-end@6"}, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
-    assert killed.returncode == 2, killed.stdout[-2000:] + killed.stderr[-2000:]
-    assert "killed by SIGKILL" in killed.stderr and "run the same fp8lab compare command again" in killed.stderr
-    assert not (out / "summary.json").exists()
+    assert killed.returncode == 1, killed.stdout[-2000:] + killed.stderr[-2000:]
+    first = json.loads((out / "summary.json").read_text())
+    assert [r["verdict"] for r in first["results"]] == ["failed", "failed"]
+    assert all("killed by signal SIGKILL" in run["reason"] for r in first["results"] for run in r["runs"])
     resumed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    events = read_jsonl(out / "runs" / "bf16-seed0" / "events.jsonl")
-    assert any(e["kind"] == "resume" and e["step"] == 4 for e in events)  # it resumed, not restarted
+    for run in ("bf16-seed0", "fp8-tensorwise-seed1"):
+        events = read_jsonl(out / "runs" / run / "events.jsonl")
+        assert any(e["kind"] == "resume" and e["step"] == 4 for e in events)  # resumed, not restarted
     reference = json.loads((compared[0] / "summary.json").read_text())
     assert _without_timing(json.loads((out / "summary.json").read_text())) == _without_timing(reference)
 
 
-def test_unsupported_and_diverged_recipes_are_rows_not_crashes(tiny_data, tmp_path):
+def test_an_interrupted_comparison_stops_and_says_how_to_resume(tiny_data, tmp_path):
+    """SIGTERM (a scheduler, a closed terminal) is the user stopping it, not a failed run."""
     out = tmp_path / "C"
-    # emulate=off: no FP8 on this CPU; the spike drill makes the bf16 run diverge.
-    proc = run_cli(compare_args(tiny_data, out, "--precision.emulate=off", "--train.steps=16",
-                                "--debug.inject_spike_at_step=14", "--debug.inject_spike_factor=20"),
-                   cache=tmp_path / "cache", timeout=300)
+    args = [sys.executable, "-m", "fp8lab", *compare_args(tiny_data, out)]
+    proc = subprocess.run(args, env=cli_env(tmp_path) | {"FP8LAB_KILL_AT": "step-end@6:TERM"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "was interrupted" in proc.stderr and "run the same fp8lab compare command again" in proc.stderr
+    assert not (out / "summary.json").exists() and not (out / "runs" / "fp8-tensorwise-seed0").exists()
+    again = subprocess.run(args, env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["runs"][0]["steps"] for r in json.loads((out / "summary.json").read_text())["results"]] == [12, 12]
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_unsupported_and_diverged_recipes_are_rows_not_crashes(tiny_data, tmp_path, fallback):
+    out = tmp_path / "C"
+    # emulate=off: no FP8 on this CPU; the spike drill makes the bf16 run diverge. With
+    # --allow-fallback the guard rolls back (bf16 is the last rung: it skips the data) and
+    # the run finishes, still judged diverged.
+    args = compare_args(tiny_data, out, "--precision.emulate=off", "--debug.inject_spike_at_step=14",
+                        "--debug.inject_spike_factor=20", *(["--allow-fallback"] if fallback else []),
+                        budget=["--train.steps=16"])
+    proc = run_cli(args, cache=tmp_path / "cache", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     bf16, fp8 = json.loads((out / "summary.json").read_text())["results"]
     assert fp8["verdict"] == "unsupported" and "precision.emulate" in fp8["reason"]
     assert not (out / "runs" / "fp8-tensorwise-seed0").exists()
-    assert bf16["verdict"] == "diverged" and bf16["status"] == "diverged" and "step 14" in bf16["verdict_detail"]
+    assert bf16["verdict"] == "diverged" and bf16["status"] == "diverged"
     assert bf16["divergence_events"][0]["step"] == 14
+    run = bf16["runs"][0]
+    if fallback:
+        assert run["status"] == "completed" and run["rollbacks"] == 1 and "rollback" in bf16["verdict_detail"]
+    else:
+        assert run["status"] == "stopped-by-guard" and "step 14" in bf16["verdict_detail"]
+        assert "the guard stopped the run" in run["reason"]
     assert (out / "report.html").is_file()
+    # The guard mode is part of the comparison: a rerun the other way is refused.
+    other = run_cli([a for a in args if a != "--allow-fallback"] + ([] if fallback else ["--allow-fallback"]),
+                    cache=tmp_path / "cache")
+    assert other.returncode == 2 and "--allow-fallback" in other.stderr
 
 
 @pytest.mark.parametrize("args, message", [

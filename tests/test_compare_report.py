@@ -183,7 +183,7 @@ def test_sparse_inputs_do_not_crash(tmp_path):
     paths = write_report(tmp_path, summary, curves)
     names = {p.name for p in paths["plots"]}
     assert names == {"loss_vs_step.png", "tokens_per_s.png", "loss_gap.png"}
-    assert "Train loss vs wall-clock time**: not drawn — no run recorded wall-clock times" in paths["md"].read_text()
+    assert "Train loss vs training time**: not drawn — no run recorded wall-clock times" in paths["md"].read_text()
     assert "No runs recorded." in paths["md"].read_text()
 
 

@@ -116,9 +116,41 @@ def test_without_eval_the_metric_is_the_train_loss_tail():
     assert V.metric(a, name) == pytest.approx(sum(tail) / len(tail))
 
 
-def test_the_start_alike_check_can_fail():
+def test_the_start_alike_check_can_fail_and_blames_only_that_run():
     row = {"seed": 0, "status": "completed", "rollbacks": 0, "init_digest": "aa", "data_crc": [1, 2, 3]}
-    ok = _checks([row | {"recipe": "bf16"}, row | {"recipe": "fp8"}])
-    assert ok["same_init"] is True and ok["same_data"] is True
-    bad = _checks([row, row | {"init_digest": "bb", "data_crc": [1, 2, 4]}])
+    ok = _checks({"bf16": [row], "fp8-tensorwise": [row], "fp8-rowwise": [row]})
+    assert ok["same_init"] is True and ok["same_data"] is True and ok["mismatched"] == []
+    bad = _checks({"bf16": [row], "fp8-tensorwise": [row | {"init_digest": "bb", "data_crc": [1, 2, 4]}],
+                   "fp8-rowwise": [row]})
     assert bad["same_init"] is False and bad["same_data"] is False and "DIFFER" in bad["detail"]
+    assert bad["mismatched"] == [["fp8-tensorwise", 0]]
+
+
+def test_a_failed_run_is_not_a_mismatch():
+    """A crashed run wrote no summary, so it has no fingerprint: not checked, not 'different'."""
+    row = {"seed": 0, "status": "completed", "rollbacks": 0, "init_digest": "aa", "data_crc": [1, 2, 3]}
+    crashed = {"seed": 0, "status": "failed", "rollbacks": 0, "init_digest": None, "data_crc": [1]}
+    got = _checks({"bf16": [row], "fp8-tensorwise": [row], "fp8-rowwise": [crashed]})
+    assert got["same_init"] is True and got["same_data"] is True and got["mismatched"] == []
+
+
+def test_non_finite_losses_are_diverged_and_never_parity():
+    bf16 = [run(0, curve(), eval_loss=2.0)]
+    for bad in (math.nan, math.inf):
+        v = judge([run(0, curve(seed=1), eval_loss=bad)], bf16)
+        assert v.verdict == "diverged" and "eval loss" in v.detail, v
+    assert V.noise_band([run(0, curve(), eval_loss=math.nan), run(1, curve(), eval_loss=2.0)],
+                        "final eval loss").band == pytest.approx(0.02)  # the NaN seed is left out
+
+
+def test_an_alarm_the_guard_only_logged_is_divergence():
+    bf16 = [run(0, curve(), eval_loss=2.0)]
+    v = judge([run(0, curve(seed=1), eval_loss=2.0, alarms=[{"step": 14, "kind": "spike", "message": "x"}])], bf16)
+    assert v.verdict == "diverged" and "step 14" in v.detail
+
+
+def test_a_crash_is_failed_not_diverged():
+    bf16 = [run(0, curve(), eval_loss=2.0)]
+    rising = [2.0 + 0.1 * i for i in range(12)]
+    v = judge([V.Outcome(seed=0, status="failed", losses=rising, steps=12)], bf16)
+    assert v.verdict == "failed"

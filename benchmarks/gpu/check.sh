@@ -50,7 +50,7 @@ bench() {
 }
 
 extra=(); [ "$LAYERS" = 1 ] && extra=(--layers)
-bench bench-1b configs/1b-h100.toml bf16,fp8-tensorwise,fp8-rowwise 90 "${extra[@]}"
+bench bench-1b configs/1b-h100.toml bf16,fp8-tensorwise,fp8-rowwise 90 ${extra[@]+"${extra[@]}"}
 bench bench-3b configs/3b-h200.toml bf16,fp8-tensorwise 110
 cat "$OUT"/bench-1b.md "$OUT"/bench-3b.md > "$OUT/bench.md" 2>/dev/null
 

@@ -32,6 +32,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser, takes_overrides = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records such as compare's
     if rest and args.command not in takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -270,6 +270,11 @@ class JobConfig:
                 "lower the warm-up or train longer"
             )
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one rank: micro-batch x sequence length x accumulation."""
+        return self.data.micro_batch_size * self.data.seq_len * self.train.grad_accum_steps
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         # None means "the preset's value"; TOML has no null, so such keys are left out.
         return {

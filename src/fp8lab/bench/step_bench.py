@@ -34,6 +34,7 @@ from typing import Callable
 
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
+from fp8lab.procs import failure_reason
 
 FORMAT = 1
 BASELINE = "bf16"
@@ -110,17 +111,6 @@ def random_dataset(*, vocab: int, seq_len: int, count: int) -> Path:
 # -- the worker: one recipe, in its own process ------------------------------------------------
 
 
-def peak_memory_gb(device) -> float:
-    """As the trainer's mem_peak_gb: CUDA max allocated; CPU the process's peak resident set."""
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
-
-
 def summarise(times: list[float], tokens_per_step: int) -> dict:
     """Median step time and tokens/s, and the spread over the timed steps."""
     med = statistics.median(times)
@@ -146,10 +136,6 @@ def linear_shapes(model, converted: set[str]) -> list[dict]:
             g["count"] += 1
             g["converted"] += fqn in converted
     return list(groups.values())
-
-
-def _finite(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None  # JSON has no NaN
 
 
 def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, emulated: bool, dtype,
@@ -189,7 +175,7 @@ def measure(spec: dict) -> dict:
     from fp8lab.precision import get_recipe
     from fp8lab.precision.capability import device_name
     from fp8lab.train.build import build, resolve_compute_dtype
-    from fp8lab.train.step import train_step
+    from fp8lab.train.step import finite_or_none, peak_memory_gb, train_step
 
     cfg = load_config(spec["config"], spec["overrides"])
     # A fresh process: CUDA's peak-allocated counter and ru_maxrss both start here, so the
@@ -230,7 +216,7 @@ def measure(spec: dict) -> dict:
     mem = peak_memory_gb(b.device)
 
     name = device_name(b.device)
-    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+    tokens_per_step = cfg.tokens_per_step
     stats = summarise(times, tokens_per_step)
     tflops = b.flops_per_token * stats["tokens_per_s"] / 1e12
     peak = bf16_peak_tflops(name) if cuda else None
@@ -242,7 +228,7 @@ def measure(spec: dict) -> dict:
         "build_s": build_s, "startup_s": startup_s, "warmup_steps": spec["warmup"], "steps": len(times),
         "step_times_s": times, **stats, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "peak_bf16_tflops": peak, "mem_peak_gb": mem, "skipped_steps": skipped,
-        "loss_first": _finite(losses[0]), "loss_last": _finite(losses[-1]), "notes": list(b.notes),
+        "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(b.notes),
     }
     if spec.get("layers") and b.report.recipe != BASELINE:
         shapes = linear_shapes(b.model, {c["name"] for c in b.report.converted})
@@ -274,25 +260,6 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 # -- the parent: gate, launch, collect ----------------------------------------------------------
-
-
-_ERROR_LINE = re.compile(r"^(fp8lab: error: |[\w.]*(Error|Exception|Interrupt)\b)")
-
-
-def failure_reason(returncode: int | None, log: str, timeout_s: float | None) -> str:
-    """One line saying why a worker produced no result: the last error line it printed."""
-    if returncode is None:
-        return f"timed out after {timeout_s:g} s (--timeout) and was killed"
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    if returncode < 0:
-        try:
-            sig = signal.Signals(-returncode).name
-        except ValueError:
-            sig = str(-returncode)
-        extra = " (the kernel's out-of-memory killer?)" if returncode == -signal.SIGKILL else ""
-        return f"killed by signal {sig}{extra}" + (f"; last output: {lines[-1][:200]}" if lines else "")
-    err = next((ln for ln in reversed(lines) if _ERROR_LINE.match(ln)), lines[-1] if lines else "")
-    return f"exit code {returncode}: {err[:400]}" if err else f"exit code {returncode}, no output"
 
 
 def _worker_env() -> dict[str, str]:
@@ -373,7 +340,7 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
     # corpus is built once, not raced by the workers).
     args = model_args_for(cfg, open_data(cfg).vocab_size)
     name, cuda = gate["device"], gate["cuda"]
-    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+    tokens_per_step = cfg.tokens_per_step
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fp8lab-bench-") as tmp:

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def render(result: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from fp8lab.bench.bench_text import headline, layer_table_rows, table_rows
@@ -78,7 +79,7 @@ def render(result: dict) -> None:
         t.add_column(col, justify="left" if col in ("recipe", "status", "note") else "right", overflow="fold")
     for row in rows:
         style = {"unsupported": "yellow", "failed": "bold red"}.get(row[1])
-        t.add_row(*row, style=style)
+        t.add_row(*map(escape, row), style=style)
     console.print(t)
     if result["layers"] is not None:
         head, rows = layer_table_rows(result)
@@ -86,12 +87,12 @@ def render(result: dict) -> None:
         for col in head:
             lt.add_column(col, justify="left" if col in ("linear", "recipe") else "right", overflow="fold")
         for row in rows:
-            lt.add_row(*row)
+            lt.add_row(*map(escape, row))
         console.print(lt if rows else "per linear shape: no FP8 recipe ran, nothing to compare")
         console.print(f"[dim]{result['layers']['what']}[/]")
     mfu = result["peak_bf16_tflops"]
     console.print(f"memory: {result['memory']}; MFU against the dense BF16 peak"
                   + (f" ({mfu:g} TFLOP/s)" if mfu else " (unknown here: -)"))
     for note in result["notes"]:
-        loud = "NOT representative" in note
+        loud, note = "NOT representative" in note, escape(note)  # free text, not markup
         console.print(f"[bold yellow]note:[/] [bold]{note}[/]" if loud else f"[yellow]note:[/] {note}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from fp8lab.errors import FP8LabError
@@ -49,16 +48,23 @@ def run(args, rest) -> int:
     if min_steps < 1:
         raise FP8LabError(f"--min-steps {min_steps}: give 1 or more")
     recipes = check_recipes([r.strip() for r in args.recipes.split(",") if r.strip()])
-    cfg = load_config(args.config, parse_overrides(rest))
-    if args.tokens is not None:
-        cfg = with_token_budget(cfg, args.tokens)
+    overrides = parse_overrides(rest)
+    if "precision.recipe" in overrides:
+        raise FP8LabError("--precision.recipe has no effect in compare: name the recipes with --recipes")
+    cfg = load_config(args.config, overrides)
     from fp8lab.train.console import console, setup_logging
 
     setup_logging()
+    if args.tokens is not None:
+        cfg = with_token_budget(cfg, args.tokens)
+        console.print(f"--tokens {args.tokens:,}: {cfg.train.steps} steps of {cfg.tokens_per_step:,} tokens"
+                      + (f" (in place of --train.steps={overrides['train.steps']})" if "train.steps" in overrides
+                         else ""))
     plan = Plan(cfg=cfg, recipes=recipes, seeds=args.seeds, out=Path(args.out), allow_fallback=args.allow_fallback,
-                band=args.band, min_steps=min_steps, command=command_line(sys.argv[2:]))
+                band=args.band, min_steps=min_steps, command=command_line(args.argv[1:]), config=args.config)
     summary = run_compare(plan, echo=console.print)
     from fp8lab.compare.table import print_summary
 
     print_summary(summary)
-    return 0
+    # Diverged and unsupported recipes are findings; a run that crashed is not.
+    return 1 if any(run["status"] == "failed" for r in summary["results"] for run in r["runs"]) else 0

@@ -26,7 +26,8 @@ SPARE_COLORS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#000000"
 # name -> (title, caption), in the report's order.
 PLOTS = {
     "loss_vs_step": ("Train loss vs step", "Thin lines: each seed; thick: mean over seeds, smoothed; dots: eval loss."),
-    "loss_vs_time": ("Train loss vs wall-clock time", "As above, against seconds since each run's start."),
+    "loss_vs_time": ("Train loss vs training time", "As above, against each run's cumulative step time (the first "
+                     "step includes compile; eval and checkpoint time are left out)."),
     "tokens_per_s": ("Tokens/s per recipe",
                      "Median tokens/s over seeds (dots: each seed), labelled with the ratio to bf16."),
     "loss_gap": ("Loss gap vs bf16 per step", "Train loss of each FP8 recipe minus bf16's at the same step and seed "
@@ -208,7 +209,7 @@ def _loss_plot(data, results, col, against_time: bool) -> bytes | None:
         ax.plot([x], [min(y, lim[1]) if lim else y], "x", color=c0, ms=8, mew=2, zorder=4, clip_on=False)
     title = PLOTS["loss_vs_time" if against_time else "loss_vs_step"][0] + (CLIPPED if clipped else "")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("wall-clock seconds since start" if against_time else "step")
+    ax.set_xlabel("training seconds (cumulative step time)" if against_time else "step")
     ax.set_ylabel("train loss")
     handles, _ = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], marker="o", ls="none", color="0.4", label="eval loss"))

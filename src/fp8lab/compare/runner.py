@@ -46,6 +46,7 @@ class Plan:
     band: float | None = None
     min_steps: int = V.DEFAULT_MIN_STEPS
     command: str = ""
+    config: str | None = None  # the -c file, as given
 
     def specs(self) -> list[RunSpec]:
         """Seed-major: a comparison stopped halfway has whole seeds, every recipe in each."""
@@ -67,7 +68,7 @@ def check_recipes(names: list[str]) -> list[str]:
 
 def with_token_budget(cfg: JobConfig, tokens: int) -> JobConfig:
     """cfg with train.steps set so each run trains on at least `tokens` tokens."""
-    per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+    per_step = cfg.tokens_per_step
     if tokens < per_step:
         raise FP8LabError(f"--tokens {tokens:,} is less than one step ({per_step:,} tokens)")
     train = dataclasses.replace(cfg.train, steps=math.ceil(tokens / per_step))
@@ -80,14 +81,20 @@ def prepare_out(plan: Plan) -> Path:
     if out.exists() and not out.is_dir():
         raise FP8LabError(f"--out {out} is a file; give a directory")
     if config.exists():
-        saved = config_from_dict(tomllib.loads(config.read_text()), origin=str(config))
+        try:
+            saved = config_from_dict(tomllib.loads(config.read_text()), origin=str(config))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise FP8LabError(f"{config} is damaged ({e}); choose a new --out") from None
         now, before = plan.cfg.flat(), saved.flat()
         diff = [k for k in now if now[k] != before[k] and not k.startswith(RERUN_MAY_CHANGE)]
         if diff:
             raise FP8LabError(f"{out} holds a comparison with other settings ("
                               + "; ".join(f"{k}: {before[k]!r} there, {now[k]!r} now" for k in diff)
                               + "); rerun with the same config and overrides, or choose a new --out")
-        saved_plan = json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
+        try:
+            saved_plan = json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
+        except ValueError as e:
+            raise FP8LabError(f"{out / 'compare.json'} is damaged ({e}); choose a new --out") from None
         if saved_plan.get("allow_fallback", plan.allow_fallback) != plan.allow_fallback:
             raise FP8LabError(f"{out} was run with --allow-fallback={saved_plan['allow_fallback']}; "
                               "rerun the same way or choose a new --out")
@@ -109,28 +116,47 @@ def _gate(recipes: list[str], cfg: JobConfig) -> dict[str, str]:
                               compute_dtype=cfg.precision.compute_dtype)["unsupported"]
 
 
-def _checks(rows: list[dict]) -> dict:
-    """Did the runs of each seed start from the same weights and see the same batches?"""
-    same_init, same_data, lines = [], [], []
-    for seed in sorted({r["seed"] for r in rows}):
-        ran = [r for r in rows if r["seed"] == seed and r["status"] != "unsupported" and r["data_crc"]]
-        if len(ran) < 2:
-            continue
-        digests = {r["init_digest"] for r in ran}
-        init_ok = None not in digests and len(digests) == 1
-        same_init.append(init_ok)
-        # A rollback changes the batches by design (it skips the data that led to it).
-        plain = [r for r in ran if not r["rollbacks"]]
-        n = min(len(r["data_crc"]) for r in plain) if len(plain) >= 2 else 0
-        data_ok = n > 0 and len({tuple(r["data_crc"][:n]) for r in plain}) == 1
-        if n:
-            same_data.append(data_ok)
-        lines.append(f"seed {seed}: {len(ran)} runs, initial weights "
-                     + ("identical (sha256 " + next(iter(digests))[:12] + ")" if init_ok else "DIFFER")
-                     + (f", batches {'identical' if data_ok else 'DIFFER'} over the first {n} steps" if n else
-                        ", batches not compared (rolled-back runs)"))
+FINISHED = ("completed", "stopped-by-guard")  # runs that wrote a summary, with their fingerprints
+
+
+def _checks(rows: dict[str, list[dict]]) -> dict:
+    """Did each run start from the same weights as the BF16 run of its seed, and see the same
+    batches? Runs that did not finish (no summary, so no fingerprint) are not checked."""
+    same_init, same_data, mismatched, lines = [], [], [], []
+    bf16 = {r["seed"]: r for r in rows.get("bf16", []) if r["status"] in FINISHED}
+    for recipe, runs in rows.items():
+        for r in runs:
+            base = bf16.get(r["seed"])
+            if recipe == "bf16" or base is None or r["status"] not in FINISHED:
+                continue
+            said = []
+            if r["init_digest"] and base["init_digest"]:
+                ok = r["init_digest"] == base["init_digest"]
+                same_init.append(ok)
+                said.append(f"weights {'identical (sha256 ' + r['init_digest'][:12] + ')' if ok else 'DIFFER'}")
+                mismatched += [] if ok else [[recipe, r["seed"]]]
+            # A rollback changes the batches by design (it skips the data that led to it).
+            n = min(len(r["data_crc"]), len(base["data_crc"]))
+            if n and not r["rollbacks"] and not base["rollbacks"]:
+                ok = r["data_crc"][:n] == base["data_crc"][:n]
+                same_data.append(ok)
+                said.append(f"batches {'identical' if ok else 'DIFFER'} over the first {n} steps")
+                mismatched += [] if ok or [recipe, r["seed"]] in mismatched else [[recipe, r["seed"]]]
+            lines.append(f"seed {r['seed']} {recipe} vs bf16: " + (", ".join(said) or "not checked (rolled back)"))
     return {"same_init": all(same_init) if same_init else None, "same_data": all(same_data) if same_data else None,
-            "detail": "; ".join(lines) or "fewer than two runs finished per seed: nothing to compare"}
+            "mismatched": mismatched,
+            "detail": "; ".join(lines) or "no FP8 run finished beside a BF16 run of its seed: nothing to compare"}
+
+
+def _finite_json(x):
+    """x with every non-finite float as None: JSON has no NaN, and a NaN loss is 'none'."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_json(v) for v in x]
+    return x
 
 
 def _median(xs) -> float | None:
@@ -163,7 +189,7 @@ def run_compare(plan: Plan, *, echo=print) -> dict:
                                     log=plan.out / "logs" / f"{spec.run_dir.name}.log", echo=echo)
         results[spec.recipe].append(read_run(spec, status, reason) + (spec,))
     summary, curves = assemble(plan, results, unsupported)
-    atomic_write(plan.out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(plan.out / "summary.json", json.dumps(_finite_json(summary), indent=1, allow_nan=False))
     write_report(plan.out, summary, curves)
     return summary
 
@@ -178,19 +204,24 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
     summaries = [json.loads((s.run_dir / "summary.json").read_text()) for runs in results.values()
                  for _, _, _, s in runs if (s.run_dir / "summary.json").is_file()]
     bf16_tps = _median(row["tokens_per_s"] for row in rows["bf16"] if row["status"] == "completed")
-    checks = _checks([row for rs in rows.values() for row in rs])
+    checks = _checks(rows)
     table = []
     for recipe in plan.recipes:
         v = V.judge(recipe, outcomes[recipe], outcomes["bf16"], name=name, band=band, min_steps=plan.min_steps)
-        if v.verdict in ("parity", "worse") and False in (checks["same_init"], checks["same_data"]):
+        bad = [seed for r, seed in checks["mismatched"] if r == recipe]
+        if v.verdict in ("parity", "worse") and bad:
             # Not a verdict on FP8: the runs were not comparable (a bug to report, not a result).
-            v = V.Verdict("inconclusive", f"the runs did not start alike ({checks['detail']}); {v.detail}", v.gap)
+            v = V.Verdict("inconclusive", f"the runs of seed(s) {bad} did not start from the same weights and "
+                                          f"batches as BF16's (see checks); {v.detail}", v.gap)
         ok = [row for row in rows[recipe] if row["status"] == "completed"]
         tps = _median(row["tokens_per_s"] for row in ok)
         statuses = {row["status"] for row in rows[recipe]}
         status = ("unsupported" if "unsupported" in statuses else "diverged" if v.verdict == "diverged"
                   else "failed" if statuses == {"failed"} else "ok")
         reasons = [f"seed {row['seed']}: {row['reason']}" for row in rows[recipe] if row["reason"]]
+        reasons += [f"seed {row['seed']} fell back to {row['final_recipe']} (its speed and loss are that "
+                    f"recipe's from step {row['recipe_history'][0]['rolled_back_to']})"
+                    for row in rows[recipe] if row["final_recipe"] not in (None, recipe) and row["recipe_history"]]
         table.append({
             "recipe": recipe, "status": status,
             "reason": unsupported.get(recipe) or ("; ".join(reasons) if reasons else None),
@@ -208,7 +239,7 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
         "format": 1, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": plan.command,
         "out": str(plan.out), "recipes": plan.recipes, "seeds": list(range(plan.seeds)),
         "steps": plan.cfg.train.steps,
-        "tokens_per_step": plan.cfg.data.micro_batch_size * plan.cfg.data.seq_len * plan.cfg.train.grad_accum_steps,
+        "tokens_per_step": plan.cfg.tokens_per_step, "config": plan.config,
         "guard": "fallback allowed (rollbacks count as divergence)" if plan.allow_fallback
                  else "an alarm stops the run (guard.max_rollbacks=0)",
         "environment": environment(summaries), "checks": checks,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from fp8lab.compare.verdict import Outcome
 from fp8lab.errors import FP8LabError
+from fp8lab.procs import INTERRUPTS, failure_reason
 from fp8lab.train.logs import read_jsonl
 
 
@@ -40,46 +41,54 @@ class RunSpec:
 
 def finished_status(run_dir: Path) -> str | None:
     """'completed' or 'stopped-by-guard' when the run wrote its summary, else None."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())["status"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
+    return _summary(run_dir).get("status")
 
 
 def launch(spec: RunSpec, *, config: Path, extra: list[str], log: Path, echo) -> tuple[str, str | None]:
     """Run (or resume) `spec` to its end in a child `fp8lab train`; returns (status, reason).
 
-    status: completed | stopped-by-guard | failed. A child killed by a signal (Ctrl-C, kill,
-    the OOM killer) stops the comparison with an FP8LabError saying how to resume it."""
+    status: completed | stopped-by-guard | failed (a crash, an out-of-memory, a signal such as
+    the kernel's OOM killer: the row says which, and a rerun retries it from its newest
+    checkpoint). A child stopped by the user (Ctrl-C, SIGTERM, SIGHUP) stops the comparison
+    with an FP8LabError saying how to resume it."""
     cmd = [sys.executable, "-m", "fp8lab", "train", "-c", str(config), "--run-dir", str(spec.run_dir),
            f"--precision.recipe={spec.recipe}", f"--train.seed={spec.train_seed}",
            f"--data.seed={spec.data_seed}", "--logging.fingerprint=true", "--logging.progress=off", *extra]
     log.parent.mkdir(parents=True, exist_ok=True)
-    last_error = None
+    tail: deque[str] = deque(maxlen=200)  # enough to find the error line of a traceback
     with open(log, "a", buffering=1) as out, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env=os.environ | {"PYTHONUNBUFFERED": "1"}) as proc:
         out.write(f"$ {' '.join(cmd)}\n")
         for line in proc.stdout:
             out.write(line)
+            tail.append(line)
             echo(f"[dim]{spec.label}[/] {escape(line.rstrip())}")  # a run's text is not markup
-            if line.startswith("fp8lab: error:"):
-                last_error = line.removeprefix("fp8lab: error:").strip()
         rc = proc.wait()
-    if rc < 0:
-        name = signal.Signals(-rc).name
-        raise FP8LabError(f"run {spec.run_dir} ({spec.label}) was killed by {name}; run the same fp8lab compare "
+    if -rc in INTERRUPTS or rc == 130:  # 130: the child's own Ctrl-C handler
+        raise FP8LabError(f"run {spec.run_dir} ({spec.label}) was interrupted; run the same fp8lab compare "
                           "command again to resume it from its newest checkpoint (finished runs are kept)")
     status = finished_status(spec.run_dir)
-    if status in ("completed", "stopped-by-guard"):
-        return status, None if status == "completed" else last_error
-    return "failed", last_error or f"fp8lab train exited with code {rc}; see {log}"
+    if status == "completed":
+        return status, None
+    if status == "stopped-by-guard":
+        return status, _summary(spec.run_dir).get("reason")
+    return "failed", failure_reason(rc, "".join(tail), None) + f" (log: {log})"
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def read_run(spec: RunSpec, status: str, reason: str | None) -> tuple[Outcome, dict, dict]:
     """(verdict outcome, per-run row for summary.json, curve for the report) from the run dir."""
     d = spec.run_dir
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    summary = _summary(d)
+    if reason is None and status == "stopped-by-guard":
+        reason = summary.get("reason")  # a run kept from an earlier invocation
     recs = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
     events = read_jsonl(d / "events.jsonl") if (d / "events.jsonl").is_file() else []
     alarms = [{"step": e["step"], "kind": e.get("alarm", "alarm"), "message": e["message"]}
@@ -103,6 +112,8 @@ def read_run(spec: RunSpec, status: str, reason: str | None) -> tuple[Outcome, d
            "final_train_loss": summary.get("final_train_loss"), "final_eval_loss": outcome.eval_loss,
            "rollbacks": outcome.rollbacks, "alarms": alarms, "init_digest": summary.get("init_digest"),
            "emulated": summary.get("emulated"), "converted": (summary.get("conversion") or {}).get("num_converted"),
+           # With --allow-fallback a rollback may have changed the recipe: the row says so.
+           "final_recipe": summary.get("recipe"), "recipe_history": summary.get("recipe_history", []),
            "data_crc": [r.get("data_crc") for r in recs]}
     return outcome, row, curve
 
@@ -112,6 +123,9 @@ def environment(summaries: list[dict]) -> dict:
     s = next(iter(summaries), {})
     versions = s.get("versions", {})
     notes = list(dict.fromkeys(n for x in summaries for n in x.get("notes", [])))
+    if s.get("device") == "cpu":
+        notes.append("peak memory on CPU is each run's process peak resident set, Python and torch included "
+                     "(on a GPU it is torch's peak allocated)")
     return {"device": s.get("device"), "torch": versions.get("torch"), "torchao": versions.get("torchao"),
             "cuda": versions.get("cuda"), "python": versions.get("python"),
             "emulated": any(x.get("emulated") for x in summaries), "notes": notes}

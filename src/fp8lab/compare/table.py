@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from fp8lab.train.console import console
@@ -30,10 +31,11 @@ def print_summary(summary: dict) -> None:
     console.print(t)
     for r in summary["results"]:
         if r["recipe"] != "bf16" or r["verdict"] != "baseline":
-            console.print(f"  [{STYLE.get(r['verdict'], '')}]{r['recipe']}: {r['verdict']}[/] - {r['verdict_detail']}"
-                          + (f" ({r['reason']})" if r.get("reason") and r["verdict"] in ("unsupported", "failed") else ""))
-    console.print(f"  noise band: {summary['noise']['how']}")
-    console.print(f"  checks: {summary['checks']['detail']}")
+            reason = f" ({r['reason']})" if r.get("reason") and r["verdict"] in ("unsupported", "failed") else ""
+            console.print(f"  [{STYLE.get(r['verdict'], '')}]{r['recipe']}: {r['verdict']}[/] - "
+                          + escape(r["verdict_detail"] + reason))  # free text, not markup
+    console.print(f"  noise band: {escape(summary['noise']['how'])}")
+    console.print(f"  checks: {escape(summary['checks']['detail'])}")
     if summary["environment"].get("emulated"):
         console.print("  [yellow]FP8 ran emulated on this device: its speed is NOT representative of FP8 hardware[/]")
     out = Path(summary["out"])

@@ -71,17 +71,29 @@ def metric(o: Outcome, name: str) -> float | None:
     return o.eval_loss if name == "final eval loss" else _tail_mean(o.losses)
 
 
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def divergence(o: Outcome) -> str | None:
-    """Why `o` counts as diverged, or None."""
+    """Why `o` counts as diverged, or None. Only runs that finished (or that the guard
+    stopped) are judged: a crash is a failure, not a divergence."""
+    if o.status not in ("completed", "stopped-by-guard"):
+        return None
     if o.status == "stopped-by-guard":
         where = f" at step {o.alarms[-1]['step']}" if o.alarms else ""
         return f"seed {o.seed}: the guard stopped the run{where}" + (f" ({o.alarms[-1]['message']})" if o.alarms else "")
     if o.rollbacks:
         return f"seed {o.seed}: {o.rollbacks} rollback(s) by the guard (first at step {o.alarms[0]['step']})" \
             if o.alarms else f"seed {o.seed}: {o.rollbacks} rollback(s) by the guard"
-    if o.losses and (o.losses[-1] is None or not math.isfinite(o.losses[-1])):
+    if o.alarms:  # guard.rollback=false: the run went on, but the guard saw it go wrong
+        a = o.alarms[0]
+        return f"seed {o.seed}: the guard raised {len(o.alarms)} alarm(s), the first at step {a['step']} ({a['message']})"
+    if o.losses and not _finite(o.losses[-1]):
         return f"seed {o.seed}: the final train loss is not finite"
-    finite = [v for v in o.losses if v is not None and math.isfinite(v)]
+    if o.eval_loss is not None and not math.isfinite(o.eval_loss):
+        return f"seed {o.seed}: the final eval loss is {o.eval_loss}"
+    finite = [v for v in o.losses if _finite(v)]
     end = _tail_mean(o.losses)
     if finite and end is not None and len(o.losses) >= 10 and end > finite[0]:
         return f"seed {o.seed}: the loss ended above where it started ({end:.4f} > {finite[0]:.4f})"
@@ -89,11 +101,12 @@ def divergence(o: Outcome) -> str | None:
 
 
 def noise_band(bf16: list[Outcome], name: str, *, override: float | None = None) -> Band:
-    values = [v for v in (metric(o, name) for o in bf16 if o.status == "completed") if v is not None]
+    healthy = [o for o in bf16 if o.status == "completed" and not divergence(o)]
+    values = [v for v in (metric(o, name) for o in healthy) if _finite(v)]
     if override is not None:
         return Band(override, f"set on the command line: {override:g}", values)
     if not values:
-        return Band(None, "no BF16 run finished, so there is no band", values)
+        return Band(None, "no BF16 run finished healthy, so there is no band", values)
     mean = sum(values) / len(values)
     if len(values) >= 2:
         sd = statistics.stdev(values)
@@ -101,15 +114,19 @@ def noise_band(bf16: list[Outcome], name: str, *, override: float | None = None)
         return Band(band, f"{NOISE_SDS:g} x the standard deviation of BF16's {name} over {len(values)} seeds "
                           f"({sd:.4g}), at least {FLOOR_FRACTION:.1%} of BF16's loss: {band:.4g}", values)
     band = DEFAULT_BAND_FRACTION * mean
-    return Band(band, f"one seed, so the stated default: {DEFAULT_BAND_FRACTION:.0%} of BF16's {name} "
-                      f"({band:.4g}); run --seeds 2 or more to measure the noise instead", values)
+    why = ("one seed" if len(bf16) == 1 else
+           f"only one of {len(bf16)} BF16 seeds finished healthy")
+    return Band(band, f"{why}, so the stated default: {DEFAULT_BAND_FRACTION:.0%} of BF16's {name} "
+                      f"({band:.4g})" + ("; run --seeds 2 or more to measure the noise instead" if len(bf16) == 1
+                                         else ""), values)
 
 
 def rule_text(name: str, min_steps: int) -> str:
-    return (f"The gap is FP8's {name} minus BF16's, per seed (same initial weights, same batches), averaged over seeds. "
-            f"diverged: the guard raised an alarm (stop or rollback), a non-finite final loss, or a loss that ended "
-            f"above where it started. worse: the gap exceeds the noise band. parity: the gap is within the band "
-            f"(or below it). inconclusive: no BF16 baseline, or fewer than {min_steps} steps.")
+    return (f"The gap is FP8's {name} minus BF16's, per seed (same initial weights, same batches), averaged over "
+            f"seeds. diverged: the guard raised an alarm (a stop, a rollback, or an alarm it was told only to log), "
+            f"a non-finite final loss, or a loss that ended above where it started. worse: the gap exceeds the "
+            f"noise band. parity: the gap is within the band (or below it). inconclusive: no healthy BF16 baseline, "
+            f"fewer than {min_steps} steps, or runs of a seed that did not start from the same weights and batches.")
 
 
 def judge(recipe: str, outcomes: list[Outcome], bf16: list[Outcome], *, name: str, band: Band,
@@ -127,7 +144,7 @@ def judge(recipe: str, outcomes: list[Outcome], bf16: list[Outcome], *, name: st
     failed = [o.seed for o in outcomes if o.status == "failed"]
     pairs = [(metric(o, name), metric(b, name)) for o, b in zip(outcomes, bf16)
              if o.status == "completed" and b.status == "completed" and not divergence(b)]
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
     if not pairs or band.band is None:
         return Verdict("inconclusive", "no finished BF16 run to compare with" + (
             f" (runs failed at seeds {failed})" if failed else ""))
@@ -137,8 +154,9 @@ def judge(recipe: str, outcomes: list[Outcome], bf16: list[Outcome], *, name: st
     if failed:
         said += f"; runs at seeds {failed} failed and are left out"
     if steps < min_steps:
-        return Verdict("inconclusive", f"{steps} steps is too few for a verdict (at least {min_steps}: "
-                                       f"rerun with --train.steps={min_steps} or more); {said}", gap)
+        return Verdict("inconclusive", f"{steps} steps is too few for a verdict (at least {min_steps}: run again "
+                                       f"with --train.steps={min_steps} or more, or a larger --tokens, and a new "
+                                       f"--out); {said}", gap)
     if gap > band.band:
         return Verdict("worse", f"{said}: the FP8 loss is higher than BF16's by more than the noise", gap)
     if gap < -band.band:

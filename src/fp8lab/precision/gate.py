@@ -43,8 +43,11 @@ def check_recipes_here(recipes: list[str], *, device: str, emulate: str, compute
     spec = {"recipes": recipes, "device": device, "emulate": emulate, "compute_dtype": compute_dtype}
     if device == "cpu" or not torch.cuda.is_available():  # no CUDA context is created here
         return _check(**spec)
-    proc = subprocess.run([sys.executable, "-m", "fp8lab.precision.gate", json.dumps(spec)],
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fp8lab.precision.gate", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=600)  # an MXFP8 probe may compile
+    except subprocess.TimeoutExpired:
+        raise FP8LabError("checking which recipes this GPU runs took over 10 minutes; is the GPU busy or hung?") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise FP8LabError(f"checking which recipes this GPU runs failed: {tail}")

@@ -126,4 +126,14 @@ class RunLogs:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file, up to the first line that does not parse (a line
+    cut by a kill: everything after it is suspect, as in JsonlWriter)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out

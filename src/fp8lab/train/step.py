@@ -8,6 +8,7 @@ device-to-host transfer carries the loss and the gradient norm; nothing else syn
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,19 @@ class StepResult:
     grad_norm: float
     lr: float
     stepped: bool  # False: a non-finite loss or norm skipped the optimizer step
+
+
+def finite_or_none(x: float) -> float | None:
+    """x, or None when it is NaN or infinite (JSON has neither)."""
+    return x if math.isfinite(x) else None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: torch's peak allocated on `device`. CPU: the process's peak resident set
+    (ru_maxrss, KiB on Linux), Python and torch included."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:

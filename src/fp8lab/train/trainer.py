@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import math
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -36,18 +34,7 @@ from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
 from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
-from fp8lab.train.step import StepResult, to_device, token_loss, train_step
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _mem_peak_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    # CPU: the process's peak resident set (ru_maxrss is in KiB on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+from fp8lab.train.step import StepResult, finite_or_none, peak_memory_gb, to_device, token_loss, train_step
 
 
 def data_fingerprint(dataset) -> str:
@@ -81,7 +68,7 @@ class Trainer(Recovery):
         write_run_config(self.run_dir, self.cfg)
         removed = remove_stale(self.run_dir)
         _, damaged = newest_verified(self.run_dir)
-        self.tokens_per_step = self.cfg.data.micro_batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum_steps
+        self.tokens_per_step = self.cfg.tokens_per_step
         dev = self.b.device
         self.peak_tflops = bf16_peak_tflops(device_name(dev)) if dev.type == "cuda" else None
         self.logs = RunLogs(self.run_dir, resume_step=self.step if resume else None,
@@ -174,11 +161,11 @@ class Trainer(Recovery):
         total, count = torch.zeros((), device=b.device), 0
         with torch.compiler.set_stance(stance):
             for x, y in b.eval_batches:
+                count += int((y != IGNORE_INDEX).sum())  # on the host copy: no device sync
                 x, y = to_device(x, b.device), to_device(y, b.device)
                 with b.autocast():
                     logits = b.model(x)
                 total += token_loss(logits, y)
-                count += int((y != IGNORE_INDEX).sum())
         b.model.train()
         return total.item() / count
 
@@ -225,10 +212,10 @@ class Trainer(Recovery):
         tps = self.tokens_per_step / dt
         tflops = self.b.flops_per_token * tps / 1e12
         rec = {
-            "step": step, "loss": _finite_or_none(r.loss), "lr": r.lr, "grad_norm": _finite_or_none(r.grad_norm),
+            "step": step, "loss": finite_or_none(r.loss), "lr": r.lr, "grad_norm": finite_or_none(r.grad_norm),
             "tokens": step * self.tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-            "mem_peak_gb": _mem_peak_gb(self.b.device), "recipe": self.cfg.precision.recipe,
+            "mem_peak_gb": peak_memory_gb(self.b.device), "recipe": self.cfg.precision.recipe,
             "data_crc": batch_crc(batches),
         }
         if first_in_process:
@@ -292,7 +279,8 @@ class Trainer(Recovery):
         if alarm is not None:
             rec["alarm"] = alarm.kind
         elif step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
-            rec["eval_loss"] = self.final_eval = self.evaluate()
+            self.final_eval = self.evaluate()
+            rec["eval_loss"] = finite_or_none(self.final_eval)
         self.logs.step(rec)
         progress.update(rec)
         kill_point("step-end", step)
@@ -319,7 +307,8 @@ class Trainer(Recovery):
             "compiled": b.compiled, "device": device_name(b.device), "conversion": b.report.to_dict(),
             "steps": self.step, "skipped_steps": self.skipped_steps, "rollbacks": self.guard.rollbacks,
             "recipe_history": self.recipe_history, "bf16_layers": self.bf16_layers,
-            "final_train_loss": losses[-1] if losses else None, "final_eval_loss": final_eval,
+            "final_train_loss": losses[-1] if losses else None,
+            "final_eval_loss": None if final_eval is None else finite_or_none(final_eval),
             "tokens_per_s_median": statistics.median(timed) if timed else None,
             "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
             "params": sum(p.numel() for p in b.model.parameters()), "flops_per_token": b.flops_per_token,
