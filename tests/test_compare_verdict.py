@@ -38,6 +38,8 @@ def test_parity_when_the_gap_is_inside_the_seed_noise():
     v = judge(fp8, bf16)
     assert v.verdict == "parity" and v.gap == pytest.approx(0.005)
     assert "within the noise" in v.detail
+    # Every paired difference is 0.005: a zero-width interval, stated beside the verdict.
+    assert v.ci95 == pytest.approx((0.005, 0.005)) and "95% CI" in v.detail
 
 
 def test_worse_when_the_gap_exceeds_the_band():
@@ -154,3 +156,11 @@ def test_a_crash_is_failed_not_diverged():
     rising = [2.0 + 0.1 * i for i in range(12)]
     v = judge([V.Outcome(seed=0, status="failed", losses=rising, steps=12)], bf16)
     assert v.verdict == "failed"
+
+
+def test_the_gap_interval_is_a_student_t_interval():
+    diffs = [0.01, 0.03, 0.02]
+    lo, hi = V.mean_ci95(diffs)
+    half = 4.303 * np.std(diffs, ddof=1) / math.sqrt(3)  # t(0.975, df=2)
+    assert (lo, hi) == pytest.approx((0.02 - half, 0.02 + half))
+    assert V.mean_ci95([0.01]) is None

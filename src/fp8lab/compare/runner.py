@@ -189,7 +189,8 @@ def run_compare(plan: Plan, *, echo=print) -> dict:
                                     log=plan.out / "logs" / f"{spec.run_dir.name}.log", echo=echo)
         results[spec.recipe].append(read_run(spec, status, reason) + (spec,))
     summary, curves = assemble(plan, results, unsupported)
-    atomic_write(plan.out / "summary.json", json.dumps(_finite_json(summary), indent=1, allow_nan=False))
+    summary = _finite_json(summary)
+    atomic_write(plan.out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
     write_report(plan.out, summary, curves)
     return summary
 
@@ -212,7 +213,7 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
         if v.verdict in ("parity", "worse") and bad:
             # Not a verdict on FP8: the runs were not comparable (a bug to report, not a result).
             v = V.Verdict("inconclusive", f"the runs of seed(s) {bad} did not start from the same weights and "
-                                          f"batches as BF16's (see checks); {v.detail}", v.gap)
+                                          f"batches as BF16's (see checks); {v.detail}", v.gap, v.ci95)
         ok = [row for row in rows[recipe] if row["status"] == "completed"]
         tps = _median(row["tokens_per_s"] for row in ok)
         statuses = {row["status"] for row in rows[recipe]}
@@ -230,7 +231,7 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
             "mem_peak_gb": max((row["mem_peak_gb"] for row in ok if row["mem_peak_gb"] is not None), default=None),
             "final_train_loss": _mean(row["final_train_loss"] for row in ok),
             "final_eval_loss": _mean(row["final_eval_loss"] for row in ok),
-            "loss_gap": v.gap, "emulated": next((row["emulated"] for row in rows[recipe]
+            "loss_gap": v.gap, "loss_gap_ci95": list(v.ci95) if v.ci95 else None, "emulated": next((row["emulated"] for row in rows[recipe]
                                                  if row["emulated"] is not None), None),
             "divergence_events": [{"seed": row["seed"], **a} for row in rows[recipe] for a in row["alarms"]],
             "runs": [{k: val for k, val in row.items() if k != "data_crc"} for row in rows[recipe]],

@@ -43,6 +43,24 @@ class Verdict:
     verdict: str  # baseline | parity | worse | diverged | inconclusive | unsupported | failed
     detail: str
     gap: float | None = None  # mean over paired seeds of (recipe - bf16) loss
+    ci95: tuple[float, float] | None = None  # Student-t interval of that mean, two or more pairs
+
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (beyond 30 the normal's 1.96 is close).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci95(xs: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean of `xs` (paired differences), or None below 2.
+    Reported beside the verdict: a gap inside the band but with an interval clear of zero is
+    small and consistent, which is worth knowing even when it is not 'worse'."""
+    if len(xs) < 2:
+        return None
+    df = len(xs) - 1
+    t = _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
+    m, half = sum(xs) / len(xs), t * statistics.stdev(xs) / math.sqrt(len(xs))
+    return (m - half, m + half)
 
 
 @dataclass
@@ -148,18 +166,21 @@ def judge(recipe: str, outcomes: list[Outcome], bf16: list[Outcome], *, name: st
     if not pairs or band.band is None:
         return Verdict("inconclusive", "no finished BF16 run to compare with" + (
             f" (runs failed at seeds {failed})" if failed else ""))
-    gap = sum(a - b for a, b in pairs) / len(pairs)
+    diffs = [a - b for a, b in pairs]
+    gap, ci = sum(diffs) / len(diffs), mean_ci95(diffs)
     steps = min(o.steps for o in outcomes if o.status == "completed")
     said = f"gap {gap:+.4f} vs band {band.band:.4f} over {len(pairs)} seed(s)"
+    if ci is not None:
+        said += f" (95% CI of the gap {ci[0]:+.4f} .. {ci[1]:+.4f})"
     if failed:
         said += f"; runs at seeds {failed} failed and are left out"
     if steps < min_steps:
         return Verdict("inconclusive", f"{steps} steps is too few for a verdict (at least {min_steps}: run again "
                                        f"with --train.steps={min_steps} or more, or a larger --tokens, and a new "
-                                       f"--out); {said}", gap)
+                                       f"--out); {said}", gap, ci)
     if gap > band.band:
-        return Verdict("worse", f"{said}: the FP8 loss is higher than BF16's by more than the noise", gap)
+        return Verdict("worse", f"{said}: the FP8 loss is higher than BF16's by more than the noise", gap, ci)
     if gap < -band.band:
         return Verdict("parity", f"{said}: lower than BF16 by more than the band (FP8 is not expected to "
-                                 "improve the loss; look at the curves)", gap)
-    return Verdict("parity", f"{said}: within the noise", gap)
+                                 "improve the loss; look at the curves)", gap, ci)
+    return Verdict("parity", f"{said}: within the noise", gap, ci)
