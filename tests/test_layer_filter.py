@@ -133,3 +133,17 @@ def test_auto_on_a_gpu_times_and_caches(monkeypatch):
     assert "2.00x of bf16" in out[(4096, 4096)].reason
     assert not out[(256, 256)].convert
     assert "0.67x of bf16 (3.000 vs 2.000 ms), below 1.05x" in out[(256, 256)].reason
+
+
+def test_bench_layer_timings_feed_the_auto_filter_cache(monkeypatch):
+    """What `fp8lab bench --layers` stores on a GPU is what the auto filter reads back, without
+    timing again (the GPU name is stood in for; the cache file is real, under $FP8LAB_CACHE)."""
+    from fp8lab.bench import measure
+
+    measure.store_layer_times("NVIDIA H200", "fp8-rowwise", 16384, 2048, 8192, True,
+                              bf16_s=3e-3, recipe_s=2e-3, source="fp8lab bench --layers")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(measure, "time_linear", lambda *a, **k: pytest.fail("timed again instead of cached"))
+    got = measure.cached_layer_times(torch.device("cuda", 0), "fp8-rowwise", 16384, 2048, 8192)
+    assert got["cached"] and got["bf16_s"] == 3e-3 and got["recipe_s"] == 2e-3
+    assert got["source"] == "fp8lab bench --layers"

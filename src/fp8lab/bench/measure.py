@@ -258,10 +258,19 @@ def cached_layer_times(device, recipe: str, m: int, k: int, n: int, *, compiled:
     data = _read(LAYERS_FILE)
     if key in data:
         return data[key] | {"cached": True}
-    entry = {"bf16_s": time_linear(m, k, n, "bf16", device, compiled=compiled),
-             "recipe_s": time_linear(m, k, n, recipe, device, compiled=compiled),
-             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    data = _read(LAYERS_FILE)  # re-read: another process may have written meanwhile
-    data[key] = entry
-    _write(LAYERS_FILE, data)
+    entry = store_layer_times(name, recipe, m, k, n, compiled,
+                              bf16_s=time_linear(m, k, n, "bf16", device, compiled=compiled),
+                              recipe_s=time_linear(m, k, n, recipe, device, compiled=compiled))
     return entry | {"cached": False}
+
+
+def store_layer_times(device_name: str, recipe: str, m: int, k: int, n: int, compiled: bool, *,
+                      bf16_s: float, recipe_s: float, source: str = "layer filter") -> dict:
+    """Record one shape's bf16 and recipe timings on GPU `device_name` where the `auto` layer
+    filter looks them up: `fp8lab bench --layers` on a GPU fills the same cache."""
+    entry = {"bf16_s": bf16_s, "recipe_s": recipe_s, "source": source,
+             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    data = _read(LAYERS_FILE)  # read just before writing: another process may have written meanwhile
+    data[layer_key(device_name, recipe, m, k, n, compiled)] = entry
+    _write(LAYERS_FILE, data)
+    return entry

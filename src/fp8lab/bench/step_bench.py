@@ -142,7 +142,7 @@ def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, e
                 bf16_dtype) -> list[dict]:
     """Each shape's forward + backward in bf16 and under `recipe`, in this process, one after
     the other (bench.measure.time_linear). A shape that fails is a row with its error."""
-    from fp8lab.bench.measure import time_linear
+    from fp8lab.bench.measure import store_layer_times, time_linear
 
     rows = []
     for s in shapes:
@@ -157,6 +157,11 @@ def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, e
             r = time_linear(m, s["k"], s["n"], recipe.name, device, compiled=compiled, emulate=emulated, dtype=dtype,
                             warmup=LAYER_WARMUP, iters=LAYER_ITERS)
             row.update(bf16_ms=b * 1e3, recipe_ms=r * 1e3, ratio=b / r)
+            if device.type == "cuda" and not emulated:  # real kernels: what filter_mode=auto wants
+                import torch
+
+                store_layer_times(torch.cuda.get_device_name(device), recipe.name, m, s["k"], s["n"], compiled,
+                                  bf16_s=b, recipe_s=r, source="fp8lab bench --layers")
         except Exception as e:  # noqa: BLE001 - one shape failing is a finding; time the others
             row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         rows.append(row)
