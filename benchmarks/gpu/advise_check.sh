@@ -7,14 +7,16 @@
 #      (benchmarks/advise_vs_measured.py, M = 16384 tokens, fp8-tensorwise and fp8-rowwise).
 # Everything goes to $OUT (the device tool brings it back); the short tables print last.
 # Copy $OUT/advise_vs_measured.md into benchmarks/results/<date>-<gpu>-advise.md afterwards.
-# On the lent H200 (no torchao, no network), start the command with the line that
-# ../shared/gpu/fetch-wheels.sh prints, then: bash benchmarks/gpu/advise_check.sh
+# On the lent H200 (no torchao, no tomli-w, no network): here, run
+#   ../shared/gpu/fetch-wheels.sh torchao==0.18.0 tomli-w==1.2.0
+# (fp8lab's config writer needs tomli-w), carry .whl, and start the command with the line it prints, then: bash benchmarks/gpu/advise_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8lab-advise-check}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
 export FP8LAB_CACHE=${FP8LAB_CACHE:-$OUT/cache}
 PY=${PY:-python3}
+$PY -c "import torchao, tomli_w" || { echo "missing torchao or tomli-w: see the header of $0"; exit 3; }
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"

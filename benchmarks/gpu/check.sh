@@ -11,14 +11,16 @@
 # pytest.txt, env.txt. The short tables print last.
 # LAYERS=1 also times the 1b model's linear shapes (bf16 vs each FP8 recipe); it adds about a
 # minute of compiles per FP8 recipe, so it is off by default.
-# On the lent H200 (no torchao, no network), start the command with the line that
-# ../shared/gpu/fetch-wheels.sh prints, then: bash benchmarks/gpu/check.sh
+# On the lent H200 (no torchao, no tomli-w, no network): here, run
+#   ../shared/gpu/fetch-wheels.sh torchao==0.18.0 tomli-w==1.2.0
+# (fp8lab's config writer needs tomli-w), carry .whl, and start the command with the line it prints, then: bash benchmarks/gpu/check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8lab-gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
 export FP8LAB_CACHE=${FP8LAB_CACHE:-/tmp/fp8lab-cache}  # the random data set; kept out of $OUT
 PY=${PY:-python3}
+$PY -c "import torchao, tomli_w" || { echo "missing torchao or tomli-w: see the header of $0"; exit 3; }
 BUDGET=${BUDGET:-470}  # seconds for the whole script
 LAYERS=${LAYERS:-0}
 

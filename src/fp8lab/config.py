@@ -92,6 +92,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = opt(100, "optimizer steps to train for")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    loss_chunk_tokens: int = opt(0, "compute the output layer and loss this many tokens at a time, "
+                                    "recomputing them in backward, so the full fp32 logits never exist "
+                                    "(large vocabularies; e.g. 4096). 0: all at once")
     seed: int = opt(0, "seed of the model's initial weights")
     eval_interval: int = opt(50, "evaluate on the held-out batches every N steps (0: only at the end)")
     eval_batches: int = opt(4, "held-out micro-batches per evaluation (the same ones for every run)")
@@ -104,7 +107,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choices(self, "train")
         _positive("train", self, "steps", "grad_accum_steps", "eval_batches")
-        _positive("train", self, "seed", "eval_interval", "threads", allow_zero=True)
+        _positive("train", self, "seed", "eval_interval", "threads", "loss_chunk_tokens", allow_zero=True)
 
 
 @dataclass

@@ -173,6 +173,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size)."""
+        return self.output(self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> the normed final hidden states (B, T, dim) the output layer
+        reads: what a chunked loss starts from, so the full logits need never exist."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.args.max_seq_len}")
@@ -180,4 +185,4 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.layers.values():
             h = block(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.norm(h)

@@ -22,9 +22,10 @@ from fp8lab.train.schedule import lr_at
 # save, how hard to check the data, how many CPU threads (bitwise repeatability needs the
 # same count, but the run is the same run), the guard's thresholds (a run the guard stopped
 # is resumed with a looser or stricter guard), and the fault drills (debug.*), which exist
-# to be switched on for one attempt.
-# Anything else changes what is being trained, so it is a different run.
-RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep", "logging.",
+# to be switched on for one attempt, and the loss chunking (a memory knob: the same loss up
+# to summation order). Anything else changes what is being trained, so it is a different run.
+RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "train.loss_chunk_tokens", "checkpoint.interval",
+                      "checkpoint.keep", "logging.",
                       "debug.", "data.verify", "train.threads", "guard.")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
@@ -46,6 +47,30 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = 
                            ignore_index=IGNORE_INDEX)
 
 
+def model_loss(model, x: torch.Tensor, y: torch.Tensor, *, chunk_tokens: int = 0) -> torch.Tensor:
+    """Summed token cross-entropy of `model` on inputs `x`, targets `y`.
+
+    chunk_tokens > 0: the output layer and the loss run that many tokens at a time, each chunk
+    under activation checkpointing, so the fp32 (tokens x vocab) logits and their gradient
+    never exist whole (8.4 GB each for 16K tokens of a 128K vocabulary); the price is the
+    output layer's forward once more in backward. 0: the plain way, one logits tensor."""
+    if not chunk_tokens:
+        return token_loss(model(x), y)
+    h, t = model.hidden_states(x).flatten(0, 1), y.flatten()
+    total = torch.zeros((), device=h.device)
+    for start in range(0, h.shape[0], chunk_tokens):
+        hc, tc = h[start:start + chunk_tokens], t[start:start + chunk_tokens]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hc, tc, model.output, use_reentrant=False)
+        else:  # evaluation: nothing is kept for a backward anyway
+            total = total + _chunk_loss(hc, tc, model.output)
+    return total
+
+
+def _chunk_loss(h: torch.Tensor, t: torch.Tensor, output: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), t, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned, so the copy overlaps with compute
         return t.pin_memory().to(device, non_blocking=True)
@@ -64,8 +89,7 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
     for i, (x, y) in enumerate(batches):
         x, y = to_device(x, b.device), to_device(y, b.device)
         with b.autocast():
-            logits = b.model(x)
-        loss = token_loss(logits, y) / n_tokens
+            loss = model_loss(b.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens) / n_tokens
         if i == 0 and drill != 1.0:
             loss = loss * drill
         loss.backward()

@@ -34,7 +34,9 @@ from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
 from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
-from fp8lab.train.step import StepResult, finite_or_none, peak_memory_gb, to_device, token_loss, train_step
+from fp8lab.train.step import (
+    StepResult, finite_or_none, model_loss, peak_memory_gb, to_device, token_loss, train_step,
+)
 
 
 def data_fingerprint(dataset) -> str:
@@ -164,8 +166,7 @@ class Trainer(Recovery):
                 count += int((y != IGNORE_INDEX).sum())  # on the host copy: no device sync
                 x, y = to_device(x, b.device), to_device(y, b.device)
                 with b.autocast():
-                    logits = b.model(x)
-                total += token_loss(logits, y)
+                    total += model_loss(b.model, x, y, chunk_tokens=self.cfg.train.loss_chunk_tokens)
         b.model.train()
         return total.item() / count
 
