@@ -167,6 +167,7 @@ def test_unsupported_and_diverged_recipes_are_rows_not_crashes(tiny_data, tmp_pa
     (["--band", "-1"], "--band -1"),
     (["--tokens", "10"], "less than one step"),
     (["--train.stepz=3"], "train.stepz"),
+    (["--parallel.data_parallel=fsdp"], "compare trains one process per run"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
     out = tmp_path / "C"

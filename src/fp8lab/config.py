@@ -213,8 +213,11 @@ class GuardConfig:
 
 @dataclass
 class ParallelConfig:
-    data_parallel: str = opt("none", "data parallelism across torchrun ranks (FSDP2 is planned)",
-                             choices=("none",))
+    data_parallel: str = opt("none", "data parallelism across torchrun ranks: fsdp = FSDP2 (parameters, "
+                                     "gradients and optimizer state sharded over the ranks)",
+                             choices=("none", "fsdp"))
+    float8_all_gather: bool = opt(False, "with fsdp and fp8-tensorwise: all-gather the weights in FP8 "
+                                         "(half the bytes of bf16)")
 
     def __post_init__(self):
         _check_choices(self, "parallel")
@@ -267,6 +270,14 @@ class JobConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self):
+        if self.parallel.float8_all_gather and (self.parallel.data_parallel != "fsdp"
+                                                or self.precision.recipe != "fp8-tensorwise"):
+            raise FP8LabError("parallel.float8_all_gather needs parallel.data_parallel=fsdp and "
+                              f"precision.recipe=fp8-tensorwise (got {self.parallel.data_parallel}, "
+                              f"{self.precision.recipe}); TorchAO all-gathers in FP8 for tensorwise scaling only")
+        if self.parallel.data_parallel == "fsdp" and (self.logging.telemetry_interval or self.guard.per_layer):
+            raise FP8LabError("logging.telemetry_interval and guard.per_layer do not work with "
+                              "parallel.data_parallel=fsdp yet (telemetry hooks see sharded weights); turn them off")
         if self.optim.warmup_steps > self.train.steps:
             raise FP8LabError(
                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}; "

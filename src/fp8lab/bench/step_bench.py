@@ -76,6 +76,8 @@ def check_options(opts: BenchOptions) -> None:
             raise FP8LabError(f"{flag} {value!r} must be an integer >= {low}")
     if opts.timeout_s is not None and not opts.timeout_s > 0:
         raise FP8LabError(f"--timeout {opts.timeout_s!r} must be a number of seconds > 0")
+    if opts.overrides.get("parallel.data_parallel", "none") != "none":
+        raise FP8LabError("bench measures one process: drop --parallel.data_parallel")
     if "precision.recipe" in opts.overrides:
         raise FP8LabError("--precision.recipe has no effect in bench: name the recipes with --recipes")
     if not opts.recipes:

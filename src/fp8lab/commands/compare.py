@@ -52,6 +52,9 @@ def run(args, rest) -> int:
     if "precision.recipe" in overrides:
         raise FP8LabError("--precision.recipe has no effect in compare: name the recipes with --recipes")
     cfg = load_config(args.config, overrides)
+    if cfg.parallel.data_parallel != "none":
+        raise FP8LabError(f"parallel.data_parallel={cfg.parallel.data_parallel}: compare trains one process per run; "
+                          "compare on one GPU, then scale the winner out with torchrun")
     from fp8lab.train.console import console, setup_logging
 
     setup_logging()

@@ -139,6 +139,7 @@ def convert(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     filter_gpu: str = "auto",
     filter_tokens: int | None = None,
+    fsdp_float8_all_gather: bool = False,
     _gate: bool = True,
 ) -> ConversionReport:
     """Convert `model`'s linears in place for `recipe` and report what happened.
@@ -154,6 +155,8 @@ def convert(
     filter_gpu: the GPU id the roofline judges for; "auto": this device's (h100-sxm on CPU).
     filter_tokens: tokens per micro-batch (batch size x sequence length) for auto/roofline.
     filter_fn: optional extra `(module, fqn) -> bool`; False keeps the layer in high precision.
+    fsdp_float8_all_gather: (tensorwise) FSDP2 all-gathers the weights in FP8; call
+        torchao.float8.precompute_float8_dynamic_scale_for_fsdp(model) after each optimizer step.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(model, nn.Linear):
@@ -175,7 +178,8 @@ def convert(
     if recipe.kind == "float8":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe.torchao_recipe), emulate=emulated)
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe.torchao_recipe), emulate=emulated,
+                                     enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
         convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in chosen, config=config)
     elif recipe.kind == "mxfp8":
         from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
@@ -201,6 +205,12 @@ def to_plain(t: torch.Tensor) -> torch.Tensor:
     Checkpoints hold plain tensors so they load under any recipe.
     """
     t = t.data if isinstance(t, nn.Parameter) else t
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) and _is_torchao_subclass(t._local_tensor):
+        # FSDP2 with FP8 all-gather: a shard whose local tensor is TorchAO's weight wrapper.
+        return DTensor.from_local(to_plain(t._local_tensor), t.device_mesh, t.placements, run_check=False,
+                                  shape=t.shape, stride=t.stride())
     while _is_torchao_subclass(t):
         inner, _ = t.__tensor_flatten__()
         if len(inner) != 1:

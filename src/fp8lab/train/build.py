@@ -2,8 +2,9 @@
 
 Order matters and is the same for every recipe: the model is built and initialised in
 fp32 from `train.seed` *before* conversion, so every recipe starts from identical weights;
-conversion happens before the optimizer is built (it must see the final parameters) and
-before compile (which must trace the converted modules).
+conversion happens before compile (which must trace the converted modules), compile before
+FSDP2 sharding (as torchtitan orders them), and the optimizer is built last, on the final
+(possibly sharded) parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from fp8lab.errors import FP8LabError
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, preset_args
 from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
 from fp8lab.precision.capability import device_name
+from fp8lab.train.dist import SINGLE, DistEnv
+from fp8lab.train.dist import current as dist_current
 from fp8lab.train.optim import build_optimizer
 from fp8lab.train.rng import seed_everything
 
@@ -95,6 +98,8 @@ class Built:
     flops_per_token: float
     compiled: bool
     notes: list[str]
+    dist: DistEnv = SINGLE  # the rank, with parallel.data_parallel=fsdp
+    float8_all_gather: bool = False  # refresh the FP8 scales after each optimizer step
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -125,13 +130,18 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
 
     ds = open_data(cfg)
     args = model_args_for(cfg, ds.vocab_size)
+    env = dist_current()
     # On CUDA the next batches are gathered and pinned on a thread while the GPU computes;
     # on CPU that thread would only compete with the compute for the same cores.
     on_cuda = device.type == "cuda"
     loader = TokenLoader(ds.split("train"), batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed,
                          vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
-                         prefetch=2 if on_cuda else 0, pin_memory=on_cuda)
-    held_out = eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size, num_batches=cfg.train.eval_batches)
+                         prefetch=2 if on_cuda else 0, pin_memory=on_cuda, rank=env.rank, world_size=env.world_size)
+    # The held-out batches are global (micro_batch_size x ranks sequences each) and every rank
+    # evaluates its rows of them, so N ranks evaluate exactly what one process with N x B would.
+    held_out = [(x[env.rank::env.world_size], y[env.rank::env.world_size])
+                for x, y in eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size * env.world_size,
+                                         num_batches=cfg.train.eval_batches)]
 
     seed_everything(cfg.train.seed)
     with torch.device(device):
@@ -139,10 +149,10 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
     report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
                      skip_modules=[*cfg.precision.skip_modules, *extra_skip], filter_mode=cfg.precision.filter_mode,
                      filter_gpu=cfg.precision.filter_gpu,
-                     filter_tokens=cfg.data.micro_batch_size * cfg.data.seq_len)
+                     filter_tokens=cfg.data.micro_batch_size * cfg.data.seq_len,
+                     fsdp_float8_all_gather=cfg.parallel.float8_all_gather)
     if report.emulated:
         notes.append(EMULATION_NOTE)
-    optimizer = build_optimizer(model, cfg.optim, device=device)
     compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
     if compiled:
         # Per block, as torchtitan does: the blocks are identical, so dynamo compiles one
@@ -150,6 +160,24 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
         # place keeps the parameter names a checkpoint needs.
         for block in model.layers.values():
             block.compile(dynamic=False)
+    if cfg.parallel.data_parallel == "fsdp":
+        shard(model, env, device=device)
+    optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     return Built(device=device, model=model, optimizer=optimizer, report=report,
                  compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
-                 flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes)
+                 flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes,
+                 dist=env, float8_all_gather=cfg.parallel.float8_all_gather)
+
+
+def shard(model: nn.Module, env: DistEnv, *, device: torch.device) -> None:
+    """FSDP2 over all ranks: each block is its own unit (its weights are gathered just before
+    it runs and freed after), then the root for the embeddings, norm and output layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not env.active:
+        raise FP8LabError("parallel.data_parallel=fsdp needs a process group: launch with torchrun")
+    mesh = init_device_mesh(device.type, (env.world_size,))
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)

@@ -43,6 +43,8 @@ from fp8lab.errors import FP8LabError
 from fp8lab.data.shards import sha256_file
 from fp8lab.fsutil import fsync_dir, write_durable
 from fp8lab.precision.convert import to_plain
+from fp8lab.train.dist import barrier, broadcast
+from fp8lab.train.dist import current as dist_env
 from fp8lab.train.faults import kill_point
 from fp8lab.train.optim import init_optimizer_state
 
@@ -155,9 +157,14 @@ def _file_manifest(folder: Path) -> dict[str, dict]:
 def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep: int, protect: tuple[int, ...] = (), new_revision: bool = False) -> Path:
     """Write step-N atomically, then keep the newest `keep` complete checkpoints (and the
-    steps in `protect`). `new_revision` writes step-N-rK beside an existing step-N."""
+    steps in `protect`). `new_revision` writes step-N-rK beside an existing step-N.
+
+    Under FSDP2 every rank calls this: each writes its shards into the same DCP folder, and
+    rank 0 alone names the folder and writes state.json, the manifest and the marker."""
+    env = dist_env()
     root = checkpoints_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    if env.main:
+        root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     if new_revision:
         revs = [int(m.group(2) or 0) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
@@ -167,25 +174,30 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: to
         # Only a resumed run that has already reached its last step gets here: the step's
         # state is on disk, and replacing it would open a window with no checkpoint.
         return final
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a killed writer
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final, tmp = broadcast((final, root / f"{final.name}.tmp-{os.getpid()}"))  # rank 0's names
+    if env.main:
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a killed writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     with _quiet_single_process():
         dcp.save(tensor_state(model, optimizer), storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
     kill_point("ckpt-after-dcp", step)
-    write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
-    kill_point("ckpt-after-state", step)
-    fsync_dir(tmp / "dcp")
-    write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
-    kill_point("ckpt-after-manifest", step)
-    write_durable(tmp / MARKER, f"{step}\n")
-    fsync_dir(tmp)
-    kill_point("ckpt-after-marker", step)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    kill_point("ckpt-after-rename", step)
-    prune(run_dir, keep=keep, protect=protect)
+    barrier()  # every rank's shards are on disk
+    if env.main:
+        write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+        kill_point("ckpt-after-state", step)
+        fsync_dir(tmp / "dcp")
+        write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
+        kill_point("ckpt-after-manifest", step)
+        write_durable(tmp / MARKER, f"{step}\n")
+        fsync_dir(tmp)
+        kill_point("ckpt-after-marker", step)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        kill_point("ckpt-after-rename", step)
+        prune(run_dir, keep=keep, protect=protect)
+    barrier()
     return final
 
 

@@ -31,6 +31,7 @@ def _fmt(v, spec: str) -> str:
 class TrainProgress:
     def __init__(self, *, total: int, start: int, mode: str, log_interval: int):
         self.log_interval = log_interval
+        self.quiet = mode == "quiet"  # another rank than 0 under torchrun: rank 0 speaks
         self.bar = None
         if mode == "on" or (mode == "auto" and console.is_terminal):
             self.bar = Progress(
@@ -44,6 +45,8 @@ class TrainProgress:
     def update(self, rec: dict) -> None:
         info = (f"loss {_fmt(rec['loss'], '.4f')}  lr {rec['lr']:.2e}  "
                 f"{_fmt(rec['tokens_per_s'], ',.0f')} tok/s")
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.update(self.task, completed=rec["step"], info=info)
         elif rec["step"] % self.log_interval == 0 or "eval_loss" in rec:

@@ -17,10 +17,14 @@ def weights_digest(model: nn.Module) -> str:
     weights differently, so the plain tensor inside each wrapper is what is hashed: two
     runs that start from the same weights agree whatever their recipe. Copies every
     parameter to the host once: meant for the start of a run, not every step."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        t = to_plain(p).detach()
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # FSDP2: the whole weight (every rank calls this)
         h.update(name.encode())
-        h.update(to_plain(p).detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(t.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -125,6 +125,16 @@ class RunLogs:
                 sink.close()
 
 
+class NullLogs:
+    """RunLogs for ranks other than 0 under torchrun: rank 0 writes the run's files."""
+
+    def step(self, record: dict) -> None: ...
+    def layer_stats(self, step: int, records: list[dict]) -> None: ...
+    def event(self, record: dict) -> None: ...
+    def rewind(self, step: int) -> None: ...
+    def close(self) -> None: ...
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file, up to the first line that does not parse (a line
     cut by a kill: everything after it is suspect, as in JsonlWriter)."""

@@ -21,6 +21,7 @@ import math
 
 from fp8lab.errors import FP8LabError
 from fp8lab.precision import telemetry
+from fp8lab.train import dist
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import delete_after, list_complete, read_state
 from fp8lab.train.guard import Alarm, Guard, next_rung
@@ -54,14 +55,17 @@ class Recovery:
         start = max(end - gcfg.skip_steps * self.cfg.train.grad_accum_steps, self._index_at(target))
         if gcfg.skip_steps and end > start:
             self.skip_windows.append([start, end])
-        gone = delete_after(self.run_dir, target)
+        # Every rank decides alike (the guard sees the same averaged loss); rank 0 edits the files.
+        gone = delete_after(self.run_dir, target) if self.env.main else []
+        dist.barrier()
         self._rebuild_at(target)
         self.guard.rollbacks = rollbacks
         self.guard.rolled_back_to(target)
         self.recipe_history.append({"step": alarm.step, "rolled_back_to": target, "reason": alarm.detail,
                                     "recipe": self.cfg.precision.recipe, "bf16_layers": list(self.bf16_layers)})
         self.logs.rewind(target)
-        write_run_config(self.run_dir, self.cfg)  # config.toml names the recipe now trained
+        if self.env.main:
+            write_run_config(self.run_dir, self.cfg)  # config.toml names the recipe now trained
         self.save(new_revision=any(s == target for s, _ in list_complete(self.run_dir)))
         self.event("rollback", f"rolled back from step {alarm.step} to step {target}; {change}; skipped "
                                f"micro-batches {start}..{end - 1}; rollback {rollbacks} of {gcfg.max_rollbacks}"
@@ -82,7 +86,11 @@ class Recovery:
         new = next_rung(self.cfg.guard.ladder, current)
         if new is None:
             return f"{current} is the last rung of guard.ladder: data skip only"
-        self.cfg = dataclasses.replace(self.cfg, precision=dataclasses.replace(self.cfg.precision, recipe=new))
+        # FP8 all-gather exists for tensorwise scaling only: off the tensorwise rung, gather in high precision.
+        parallel = dataclasses.replace(self.cfg.parallel, float8_all_gather=self.cfg.parallel.float8_all_gather
+                                       and new == "fp8-tensorwise")
+        self.cfg = dataclasses.replace(self.cfg, precision=dataclasses.replace(self.cfg.precision, recipe=new),
+                                       parallel=parallel)
         self.bf16_layers = []
         return f"recipe {current} -> {new}"
 

@@ -12,7 +12,9 @@ import resource
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from fp8lab.config import JobConfig
@@ -96,6 +98,12 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
         loss_sum += loss.detach()
     max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), max_norm, foreach=True)
+    if b.dist.active:
+        # Sharded gradients give a DTensor norm (already reduced over the ranks); the loss is
+        # this rank's, so average it: every rank's guard must see the same number.
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
+        loss_sum = loss_sum / b.dist.world_size
     loss_val, norm_val = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()  # the one sync
     lr = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
     stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
@@ -103,5 +111,11 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
         for group in b.optimizer.param_groups:
             group["lr"] = lr
         b.optimizer.step()
+        if b.float8_all_gather:
+            # The FP8 all-gather casts with scales computed here, once for all weights, from
+            # the updated ones (one all-reduce of the amaxes), instead of per weight per gather.
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            precompute_float8_dynamic_scale_for_fsdp(b.model)
     b.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped)

@@ -29,8 +29,9 @@ from fp8lab.train.checkpoint import (
 from fp8lab.train.console import TrainProgress, console, setup_logging
 from fp8lab.train.faults import kill_point
 from fp8lab.train.fingerprint import batch_crc, weights_digest
+from fp8lab.train import dist
 from fp8lab.train.guard import Guard
-from fp8lab.train.logs import RunLogs, TensorBoardWriter, read_jsonl
+from fp8lab.train.logs import NullLogs, RunLogs, TensorBoardWriter, read_jsonl
 from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
@@ -49,7 +50,10 @@ class Trainer(Recovery):
     def __init__(self, cfg: JobConfig, run_dir: Path):
         setup_logging()
         self.run_dir = Path(run_dir)
+        # Under torchrun with FSDP2 every rank runs this; rank 0 alone writes files and prints.
+        self.env = dist.init(cfg.parallel.data_parallel, cfg.train.device)
         self.cfg, resume, messages = check_run_dir(self.run_dir, cfg)
+        dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         state = read_state(resume[1]) if resume is not None else {}
         # Guard state that shapes the model and the data order (see recovery.py).
         self.bf16_layers: list[str] = state.get("bf16_layers", [])
@@ -67,14 +71,17 @@ class Trainer(Recovery):
         # Taken before the first step: what every recipe of a comparison must share.
         self.init_digest: str | None = state.get("init_digest") if resume is not None else (
             weights_digest(self.b.model) if self.cfg.logging.fingerprint else None)
-        write_run_config(self.run_dir, self.cfg)
-        removed = remove_stale(self.run_dir)
-        _, damaged = newest_verified(self.run_dir)
-        self.tokens_per_step = self.cfg.tokens_per_step
+        removed, damaged = [], []
+        if self.env.main:
+            write_run_config(self.run_dir, self.cfg)
+            removed = remove_stale(self.run_dir)
+            _, damaged = newest_verified(self.run_dir)
+        dist.barrier()
+        self.tokens_per_step = self.cfg.tokens_per_step * self.env.world_size  # over all ranks
         dev = self.b.device
         self.peak_tflops = bf16_peak_tflops(device_name(dev)) if dev.type == "cuda" else None
         self.logs = RunLogs(self.run_dir, resume_step=self.step if resume else None,
-                            tensorboard=self.cfg.logging.tensorboard)
+                            tensorboard=self.cfg.logging.tensorboard) if self.env.main else NullLogs()
         self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
         for m in messages:
             self.event("config", m)
@@ -96,6 +103,10 @@ class Trainer(Recovery):
         if diff:
             raise FP8LabError(f"checkpoint {path} has a different model shape: "
                               + ", ".join(f"{k} {saved_args[k]} vs {now[k]}" for k in diff))
+        if state.get("world_size", 1) != self.env.world_size:
+            raise FP8LabError(f"checkpoint {path} was written by {state.get('world_size', 1)} rank(s), this run has "
+                              f"{self.env.world_size}: each rank's share of the data would change; resume with "
+                              f"--nproc_per_node={state.get('world_size', 1)}")
         if state.get("data_fingerprint") not in (None, data_fingerprint(self.b.dataset)):
             raise FP8LabError(f"the data at {self.b.dataset.path} is not the data this run was trained on "
                               f"(its manifest changed since {path}); point data.path at the original data "
@@ -116,7 +127,7 @@ class Trainer(Recovery):
             "model_args": dataclasses.asdict(self.b.model_args), "skipped_steps": self.skipped_steps,
             "guard": self.guard.state_dict(), "bf16_layers": self.bf16_layers,
             "skip_windows": self.skip_windows, "recipe_history": self.recipe_history,
-            "init_digest": self.init_digest,
+            "init_digest": self.init_digest, "world_size": self.env.world_size,
         }
         good = self.guard.last_good_step
         save_checkpoint(self.run_dir, step=self.step, model=self.b.model, optimizer=self.b.optimizer,
@@ -125,8 +136,9 @@ class Trainer(Recovery):
         self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
 
     def event(self, kind: str, message: str, **fields) -> None:
-        """Something the user must hear about: to the console and to events.jsonl."""
-        console.print(f"[yellow]{kind}: {message}[/]")
+        """Something the user must hear about: to the console and to events.jsonl (rank 0)."""
+        if self.env.main:
+            console.print(f"[yellow]{kind}: {message}[/]")
         self.logs.event({"step": self.step, "kind": kind, "message": message, **fields})
 
     # -- one step ---------------------------------------------------------------------
@@ -168,6 +180,18 @@ class Trainer(Recovery):
                 with b.autocast():
                     total += model_loss(b.model, x, y, chunk_tokens=self.cfg.train.loss_chunk_tokens)
         b.model.train()
+        if self.env.active:
+            # Each rank evaluated its rows of the held-out batches: add them up. FSDP2 leaves the
+            # root's weights gathered after a forward with no backward; shard them again.
+            from torch.distributed.fsdp import FSDPModule
+
+            both = torch.stack([total, torch.tensor(float(count), device=b.device)])
+            torch.distributed.all_reduce(both)
+            for m in b.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            total_all, count_all = both.tolist()
+            return total_all / count_all
         return total.item() / count
 
     def collect_telemetry(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
@@ -198,6 +222,11 @@ class Trainer(Recovery):
     def _header(self) -> None:
         b, cfg = self.b, self.cfg
         n_params = sum(p.numel() for p in b.model.parameters())
+        if not self.env.main:
+            return
+        if self.env.world_size > 1:
+            console.print(f"FSDP2 over {self.env.world_size} ranks"
+                          + (", weights all-gathered in FP8" if b.float8_all_gather else ""))
         console.print(
             f"[bold]fp8lab train[/] {self.run_dir}: {cfg.model.preset} ({n_params / 1e6:.1f}M params) "
             f"on {device_name(b.device)}, recipe {cfg.precision.recipe}, "
@@ -210,8 +239,8 @@ class Trainer(Recovery):
                 console.print(f"  [yellow]note:[/] {note}")
 
     def _record(self, step: int, r: StepResult, dt: float, batches, *, first_in_process: bool) -> dict:
-        tps = self.tokens_per_step / dt
-        tflops = self.b.flops_per_token * tps / 1e12
+        tps = self.tokens_per_step / dt  # all ranks together
+        tflops = self.b.flops_per_token * tps / self.env.world_size / 1e12  # per GPU, as the peak is
         rec = {
             "step": step, "loss": finite_or_none(r.loss), "lr": r.lr, "grad_norm": finite_or_none(r.grad_norm),
             "tokens": step * self.tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
@@ -256,7 +285,8 @@ class Trainer(Recovery):
         self._first_step = self.step + 1
         self.final_eval: float | None = None
         cfg = self.cfg
-        return TrainProgress(total=cfg.train.steps, start=self.step, mode=cfg.logging.progress,
+        return TrainProgress(total=cfg.train.steps, start=self.step,
+                             mode=cfg.logging.progress if self.env.main else "quiet",
                              log_interval=cfg.logging.log_interval)
 
     def advance(self, progress: TrainProgress) -> bool:
@@ -299,6 +329,9 @@ class Trainer(Recovery):
 
     def _finish(self, final_eval: float | None, *, status: str, reason: str | None = None) -> dict:
         cfg, b = self.cfg, self.b
+        if not self.env.main:  # rank 0 writes the summary
+            self.b.loader.close()
+            return {"status": status, "steps": self.step, "final_eval_loss": final_eval}
         recs = read_jsonl(self.run_dir / "metrics.jsonl")
         timed = [r["tokens_per_s"] for r in recs if not r.get("warmup") and not r.get("skipped")]
         losses = [r["loss"] for r in recs if r["loss"] is not None]

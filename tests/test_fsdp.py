@@ -1,0 +1,105 @@
+"""FSDP2 data parallelism over torchrun, on CPU with gloo: two ranks with micro-batch B train
+what one process with 2B trains, FP8 all-gather changes nothing numerically, a killed run
+resumes from its sharded DCP checkpoint to the same end, and misuse is a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fp8lab.train.logs import read_jsonl
+from helpers import REPO, cli_env, run_cli, tiny_args
+
+BASE = dict(train__steps=6, train__eval_interval=0, train__eval_batches=2, checkpoint__interval=3,
+            logging__log_interval=1)
+
+
+def torchrun(args: list[str], *, cache, env_extra: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "fp8lab", "train", *args, "--parallel.data_parallel=fsdp"]
+    env = cli_env(cache) | {"OMP_NUM_THREADS": "1"} | (env_extra or {})
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def losses(run) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """One process with micro-batch 8, and two ranks with 4 each, in fp32 and emulated
+    fp8-tensorwise (with and without FP8 all-gather)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {}
+    for name, recipe in (("fp32", "bf16"), ("fp8", "fp8-tensorwise")):
+        extra = {"precision__recipe": recipe, "precision__compute_dtype": "fp32" if recipe == "bf16" else "auto"}
+        single = root / f"single-{name}"
+        proc = run_cli(["train", "--run-dir", single, *tiny_args(data__path=tiny_data, data__micro_batch_size=8,
+                                                                 **BASE, **extra)], cache=root / "cache")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[f"single-{name}"] = single
+        gathers = (False, True) if recipe == "fp8-tensorwise" else (False,)
+        for ag in gathers:
+            run = root / f"fsdp-{name}-ag{int(ag)}"
+            proc = torchrun(["--run-dir", str(run), *tiny_args(data__path=tiny_data, data__micro_batch_size=4,
+                                                               parallel__float8_all_gather=ag, **BASE, **extra)],
+                            cache=root / "cache")
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            out[run.name] = run
+    return out
+
+
+def test_two_ranks_train_what_one_process_with_both_batches_trains(runs):
+    single, fsdp = runs["single-fp32"], runs["fsdp-fp32-ag0"]
+    assert losses(fsdp) == pytest.approx(losses(single), rel=1e-5)
+    assert summary(fsdp)["final_eval_loss"] == pytest.approx(summary(single)["final_eval_loss"], rel=1e-5)
+    # Throughput and tokens count both ranks' batches.
+    recs = read_jsonl(fsdp / "metrics.jsonl")
+    assert recs[-1]["tokens"] == 6 * 8 * 32
+    # Rank 0 alone wrote the run's files: one line per step, one summary.
+    assert [r["step"] for r in recs] == list(range(1, 7))
+
+
+def test_fp8_all_gather_changes_nothing_numerically(runs):
+    plain, gathered = runs["fsdp-fp8-ag0"], runs["fsdp-fp8-ag1"]
+    assert losses(gathered) == pytest.approx(losses(plain), rel=1e-6)
+    assert losses(gathered) == pytest.approx(losses(runs["single-fp8"]), rel=1e-4)
+    assert summary(gathered)["recipe"] == "fp8-tensorwise" and summary(gathered)["conversion"]["num_converted"] > 0
+
+
+def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint_to_the_same_end(runs, tiny_data, tmp_path):
+    run = tmp_path / "R"
+    args = ["--run-dir", str(run), *tiny_args(data__path=tiny_data, data__micro_batch_size=4,
+                                              precision__recipe="fp8-tensorwise", parallel__float8_all_gather=True,
+                                              **BASE)]
+    killed = torchrun(args, cache=tmp_path / "cache", env_extra={"FP8LAB_KILL_AT": "step-end@5"})
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3"]
+    resumed = torchrun(args, cache=tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert any(e["kind"] == "resume" and e["step"] == 3 for e in read_jsonl(run / "events.jsonl"))
+    assert losses(run) == pytest.approx(losses(runs["fsdp-fp8-ag1"]), rel=1e-6)
+    # The checkpoint remembers its world size: each rank's share of the data depends on it.
+    one = torchrun([*args, "--train.steps=8"], cache=tmp_path / "cache", ranks=1)
+    assert one.returncode != 0 and "written by 2 rank(s), this run has 1" in one.stdout + one.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parallel.float8_all_gather=true"], "needs parallel.data_parallel=fsdp"),
+    (["--parallel.data_parallel=fsdp", "--parallel.float8_all_gather=true", "--precision.recipe=fp8-rowwise"],
+     "tensorwise scaling only"),
+    (["--parallel.data_parallel=fsdp"], "needs torchrun"),
+    (["--parallel.data_parallel=fsdp", "--logging.telemetry_interval=2"], "do not work with"),
+])
+def test_misuse_is_a_clear_error(tiny_data, tmp_path, args, message):
+    proc = run_cli(["train", "--run-dir", tmp_path / "R", *tiny_args(data__path=tiny_data), *args],
+                   cache=tmp_path / "cache")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "R").exists()
