@@ -11,17 +11,21 @@ import sys
 import pytest
 
 from fp8lab.train.logs import read_jsonl
-from helpers import REPO, cli_env, run_cli, tiny_args
+import numpy as np
+
+from fp8lab.data import write_dataset
+from helpers import REPO, SEQ_LEN, cli_env, markov_tokens, run_cli, tiny_args
 
 BASE = dict(train__steps=6, train__eval_interval=0, train__eval_batches=2, checkpoint__interval=3,
             logging__log_interval=1)
 
 
-def torchrun(args: list[str], *, cache, env_extra: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], *, cache, env_extra: dict | None = None, ranks: int = 2,
+             cwd=REPO) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "fp8lab", "train", *args, "--parallel.data_parallel=fsdp"]
+           "-m", "fp8lab", "train", *map(str, args), "--parallel.data_parallel=fsdp"]
     env = cli_env(cache) | {"OMP_NUM_THREADS": "1"} | (env_extra or {})
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def losses(run) -> list[float]:
@@ -72,6 +76,10 @@ def test_fp8_all_gather_changes_nothing_numerically(runs):
     assert losses(gathered) == pytest.approx(losses(plain), rel=1e-6)
     assert losses(gathered) == pytest.approx(losses(runs["single-fp8"]), rel=1e-4)
     assert summary(gathered)["recipe"] == "fp8-tensorwise" and summary(gathered)["conversion"]["num_converted"] > 0
+    # The flag really changed how the weights are gathered (equal losses alone would not show it).
+    converted = summary(gathered)["conversion"]["num_converted"]
+    assert summary(gathered)["parallel"]["fp8_gathered_weights"] == converted
+    assert summary(plain)["parallel"]["fp8_gathered_weights"] == 0
 
 
 def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint_to_the_same_end(runs, tiny_data, tmp_path):
@@ -103,3 +111,55 @@ def test_misuse_is_a_clear_error(tiny_data, tmp_path, args, message):
                    cache=tmp_path / "cache")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "R").exists()
+
+
+def test_padding_is_averaged_over_all_ranks_tokens_and_ranks_share_the_default_run_dir(tmp_path):
+    """With padding, ranks hold different numbers of loss tokens: the loss and gradients must
+    still be the global batch's (normalised by all ranks' tokens), as one process computes them.
+    Without --run-dir every rank uses rank 0's directory."""
+    rng = np.random.default_rng(7)
+    rows = markov_tokens(rng, 96, SEQ_LEN + 1, 63)
+    for r, cut in zip(rows, rng.integers(4, SEQ_LEN, size=len(rows))):
+        r[cut:] = 63  # the pad id
+    data = write_dataset(tmp_path / "padded", train=[rows[:80]], val=[rows[80:]], seq_len=SEQ_LEN, vocab_size=64,
+                         eos_id=None, pad_id=63, tokenizer={"type": "test"}, sources=[])
+    args = tiny_args(data__path=data, train__steps=3, train__eval_batches=1, precision__compute_dtype="fp32",
+                     checkpoint__interval=0)
+    single = run_cli(["train", "--run-dir", tmp_path / "one", *args, "--data.micro_batch_size=8"],
+                     cache=tmp_path / "cache")
+    assert single.returncode == 0, single.stderr[-2000:]
+    (tmp_path / "cwd").mkdir()
+    two = torchrun([*args, "--data.micro_batch_size=4"], cache=tmp_path / "cache", cwd=tmp_path / "cwd")
+    assert two.returncode == 0, two.stderr[-3000:]
+    made = list((tmp_path / "cwd" / "runs").iterdir())
+    assert len(made) == 1  # one directory for both ranks
+    one_recs, two_recs = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(made[0] / "metrics.jsonl")
+    assert [r["loss"] for r in two_recs] == pytest.approx([r["loss"] for r in one_recs], rel=1e-5)
+    assert [r["grad_norm"] for r in two_recs] == pytest.approx([r["grad_norm"] for r in one_recs], rel=1e-5)
+
+
+def test_a_guard_fallback_under_fsdp_resumes_with_the_original_command(tiny_data, tmp_path):
+    """A spike rolls the run back from fp8-tensorwise (FP8 all-gather on) to fp8-rowwise (which
+    has none); the same command then resumes it on rowwise instead of refusing the flag."""
+    run = tmp_path / "R"
+    args = ["--run-dir", run, *tiny_args(data__path=tiny_data, data__micro_batch_size=4, train__steps=18,
+                                         precision__recipe="fp8-tensorwise", parallel__float8_all_gather=True,
+                                         checkpoint__interval=4, debug__inject_spike_at_step=14,
+                                         debug__inject_spike_factor=20)]
+    first = torchrun([*args, "--debug.stop_at_step=16"], cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    events = read_jsonl(run / "events.jsonl")
+    assert [e["kind"] for e in events if e["kind"] in ("alarm", "rollback")] == ["alarm", "rollback"]
+    resumed = torchrun(args, cache=tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = summary(run)
+    assert s["recipe"] == "fp8-rowwise" and s["steps"] == 18 and s["parallel"]["fp8_gathered_weights"] == 0
+
+
+def test_fp8_all_gather_refuses_shards_torchao_cannot_gather(tiny_data, tmp_path):
+    proc = torchrun(["--run-dir", tmp_path / "R", *tiny_args(data__path=tiny_data, data__micro_batch_size=2,
+                                                            precision__recipe="fp8-tensorwise",
+                                                            parallel__float8_all_gather=True)],
+                    cache=tmp_path / "cache", ranks=3)
+    assert proc.returncode != 0
+    assert "not a multiple of the 3 ranks" in proc.stdout + proc.stderr

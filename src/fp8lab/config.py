@@ -216,8 +216,8 @@ class ParallelConfig:
     data_parallel: str = opt("none", "data parallelism across torchrun ranks: fsdp = FSDP2 (parameters, "
                                      "gradients and optimizer state sharded over the ranks)",
                              choices=("none", "fsdp"))
-    float8_all_gather: bool = opt(False, "with fsdp and fp8-tensorwise: all-gather the weights in FP8 "
-                                         "(half the bytes of bf16)")
+    float8_all_gather: bool = opt(False, "with fsdp and fp8-tensorwise: all-gather the converted weights in "
+                                         "FP8 (a quarter of the bytes of the fp32 gather used otherwise)")
 
     def __post_init__(self):
         _check_choices(self, "parallel")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
+
+from fp8lab.errors import FP8LabError
 
 ORDER = 10  # position in `fp8lab --help`
 TAKES_OVERRIDES = True  # unknown --section.key=value arguments are config overrides
@@ -29,21 +32,33 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         print(describe_fields())
         return 0
     cfg = load_config(args.config, parse_overrides(rest))
-    stem = Path(args.config or "default").stem
-    run_dir = args.run_dir or Path("runs") / f"{stem}-{cfg.precision.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
     from fp8lab.train import dist
     from fp8lab.train.trainer import train  # late: imports torch
 
+    env = dist.init(cfg.parallel.data_parallel, cfg.train.device)
+    stem = Path(args.config or "default").stem
+    # Under torchrun every rank must use rank 0's directory (the clock differs between ranks).
+    run_dir = dist.broadcast(args.run_dir or Path("runs") / f"{stem}-{cfg.precision.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    if env.world_size == 1:
+        try:
+            train(cfg, Path(run_dir))
+        finally:
+            dist.shutdown()
+        return 0
     try:
         train(cfg, Path(run_dir))
-    finally:
-        ranks = dist.current().world_size
         dist.shutdown()  # torchrun ranks: leave the process group together
-    if ranks > 1:
-        # Past this point gloo's threads can abort the interpreter's teardown ("terminate called
-        # without an active exception", 2 of 9 CPU runs here): the work is done and on disk, so
-        # leave without the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - said below, then this rank leaves
+        # No barrier here: the other ranks may be inside a collective and would wait for this
+        # one forever. Leaving at once makes torchrun stop them.
+        if isinstance(e, FP8LabError):
+            print(f"fp8lab: error (rank {env.rank}): {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 2 if isinstance(e, FP8LabError) else 1
+    # Skip the interpreter's teardown: gloo's threads can abort it ("terminate called without an
+    # active exception", 2 of 9 CPU runs here). Logs and checkpoints are closed and on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -161,12 +161,25 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
         for block in model.layers.values():
             block.compile(dynamic=False)
     if cfg.parallel.data_parallel == "fsdp":
+        if cfg.parallel.float8_all_gather:
+            _check_fp8_gather_shapes(model, report, env.world_size)
         shard(model, env, device=device)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     return Built(device=device, model=model, optimizer=optimizer, report=report,
                  compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
                  flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes,
                  dist=env, float8_all_gather=cfg.parallel.float8_all_gather)
+
+
+def _check_fp8_gather_shapes(model: nn.Module, report: ConversionReport, world_size: int) -> None:
+    """TorchAO 0.18's FP8 all-gather does not pad uneven shards (pytorch/ao#3982): on gloo the
+    gather fails, on NCCL it can hang. Refuse up front, naming the layer."""
+    for c in report.converted:
+        rows = model.get_submodule(c["name"]).weight.shape[0]
+        if rows % world_size:
+            raise FP8LabError(f"parallel.float8_all_gather: {c['name']} has {rows} output rows, not a multiple of "
+                              f"the {world_size} ranks, and TorchAO's FP8 all-gather cannot shard it unevenly; "
+                              f"use a rank count that divides {rows}, or --parallel.float8_all_gather=false")
 
 
 def shard(model: nn.Module, env: DistEnv, *, device: torch.device) -> None:

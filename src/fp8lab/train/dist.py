@@ -59,11 +59,18 @@ def init(mode: str, device: str) -> DistEnv:
                           "torchrun --nproc_per_node=N -m fp8lab train -c CONFIG ...")
     if dist.is_initialized():
         return current()
+    if os.environ.get("LOCAL_WORLD_SIZE") not in (None, os.environ["WORLD_SIZE"]):
+        raise FP8LabError("parallel.data_parallel=fsdp runs on one node for now (rank 0 writes the checkpoint "
+                          "metadata, so all ranks must share its file system); use --nnodes=1")
     cuda = device != "cpu" and torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+        # Modulo: a scheduler may show each process only its own GPU (CUDA_VISIBLE_DEVICES).
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
     return current()
 
 

@@ -24,7 +24,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device: torch.device)
     ]
     # fused AdamW is one kernel for all parameters on CUDA; elsewhere torch picks. Tensor
     # subclasses (MXFP8 weights) are not supported by the fused kernel.
-    plain = all(type(p.data) is torch.Tensor for p in decay + no_decay)
+    def local(p):  # FSDP2 shards are DTensors around plain tensors, which fused AdamW takes
+        return p._local_tensor if hasattr(p, "_local_tensor") else p.data
+
+    plain = all(type(local(p)) is torch.Tensor for p in decay + no_decay)
     fused = device.type == "cuda" and plain
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

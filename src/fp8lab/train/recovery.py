@@ -16,7 +16,6 @@ Everything is said on the console and in events.jsonl.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from fp8lab.errors import FP8LabError
@@ -25,7 +24,8 @@ from fp8lab.train import dist
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import delete_after, list_complete, read_state
 from fp8lab.train.guard import Alarm, Guard, next_rung
-from fp8lab.train.rundir import write_run_config
+from fp8lab.train.rundir import with_recipe, write_run_config
+from fp8lab.train.step import refresh_fp8_gather_scales
 
 
 class GuardStopped(FP8LabError):
@@ -86,11 +86,7 @@ class Recovery:
         new = next_rung(self.cfg.guard.ladder, current)
         if new is None:
             return f"{current} is the last rung of guard.ladder: data skip only"
-        # FP8 all-gather exists for tensorwise scaling only: off the tensorwise rung, gather in high precision.
-        parallel = dataclasses.replace(self.cfg.parallel, float8_all_gather=self.cfg.parallel.float8_all_gather
-                                       and new == "fp8-tensorwise")
-        self.cfg = dataclasses.replace(self.cfg, precision=dataclasses.replace(self.cfg.precision, recipe=new),
-                                       parallel=parallel)
+        self.cfg = with_recipe(self.cfg, new)  # FP8 all-gather exists for tensorwise only
         self.bf16_layers = []
         return f"recipe {current} -> {new}"
 
@@ -112,9 +108,11 @@ class Recovery:
         """Rebuild model and optimizer under the (new) recipe and load the target into them;
         the guard keeps its rollback count, skip windows and history."""
         self.b.loader.close()
+        self.b = None  # the old model and optimizer are freed before the new ones take memory
         self.b = build(self.cfg, extra_skip=self.bf16_layers)
         self.guard = Guard(self.cfg.guard)
         self.step, self.skipped_steps = 0, 0
         if step > 0:
             path = self._path_of(step)
             self._restore(path, read_state(path))
+        refresh_fp8_gather_scales(self.b)

@@ -61,8 +61,7 @@ def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, 
         if cfg.precision.recipe != ckpt_recipe:
             messages.append(f"precision.recipe={cfg.precision.recipe} ignored: the checkpoint at step "
                             f"{newest[0]} was trained with {ckpt_recipe}, which wins on resume")
-        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, recipe=ckpt_recipe))
-        saved = dataclasses.replace(saved, precision=dataclasses.replace(saved.precision, recipe=ckpt_recipe))
+        cfg, saved = with_recipe(cfg, ckpt_recipe), with_recipe(saved, ckpt_recipe)
     now, before = cfg.flat(), saved.flat()
     changed = [k for k in now if now[k] != before[k]]
     refused = [k for k in changed if not k.startswith(RESUMABLE_PREFIXES)]
@@ -82,6 +81,14 @@ def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, 
         messages.append(f"train.steps {saved.train.steps} -> {cfg.train.steps} rescales the cosine schedule: "
                         f"the learning rate at step {step} becomes {new:.3g} (was {old:.3g})")
     return cfg, newest, messages
+
+
+def with_recipe(cfg: JobConfig, recipe: str) -> JobConfig:
+    """cfg training `recipe`; FP8 all-gather stays on only where it exists (tensorwise), as the
+    guard's fallback left it."""
+    parallel = dataclasses.replace(cfg.parallel, float8_all_gather=cfg.parallel.float8_all_gather
+                                   and recipe == "fp8-tensorwise")
+    return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, recipe=recipe), parallel=parallel)
 
 
 def write_run_config(run_dir: Path, cfg: JobConfig) -> None:

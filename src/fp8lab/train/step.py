@@ -79,6 +79,22 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+def refresh_fp8_gather_scales(b: Built) -> None:
+    """With FP8 all-gather, compute every weight's scale once, from its current values (one
+    all-reduce of the amaxes), instead of per weight per gather: after each optimizer step,
+    and whenever weights were (re)loaded."""
+    if b.float8_all_gather:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        precompute_float8_dynamic_scale_for_fsdp(b.model)
+
+
+def fp8_gathered_weights(model: torch.nn.Module) -> int:
+    """How many parameters FSDP2 gathers in FP8 (shards around TorchAO's weight wrapper)."""
+    return sum(type(getattr(p, "_local_tensor", None)).__name__ == "WeightWithDynamicFloat8CastTensor"
+               for p in model.parameters())
+
+
 def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                drill: float = 1.0) -> StepResult:
     """One optimizer step on `batches` (host tensors). `drill` multiplies the first
@@ -87,11 +103,20 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
     # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
     # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
     n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    scale = None
+    if b.dist.active:
+        # Over ranks, by the tokens of *all* ranks' batches (padding makes them differ): FSDP2
+        # averages the gradients over the ranks, hence the factor world_size. The count stays on
+        # the device, so this adds a collective, not a host sync.
+        n_all = torch.tensor(float(n_tokens), device=b.device, dtype=torch.float64)
+        dist.all_reduce(n_all)
+        scale = (b.dist.world_size / n_all).float()
     loss_sum = torch.zeros((), device=b.device)
     for i, (x, y) in enumerate(batches):
         x, y = to_device(x, b.device), to_device(y, b.device)
         with b.autocast():
-            loss = model_loss(b.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens) / n_tokens
+            loss = model_loss(b.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens)
+            loss = loss / n_tokens if scale is None else loss * scale
         if i == 0 and drill != 1.0:
             loss = loss * drill
         loss.backward()
@@ -99,8 +124,9 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
     max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), max_norm, foreach=True)
     if b.dist.active:
-        # Sharded gradients give a DTensor norm (already reduced over the ranks); the loss is
-        # this rank's, so average it: every rank's guard must see the same number.
+        # Sharded gradients give a DTensor norm (reduced over the ranks); each rank's loss is its
+        # share x world_size, so the mean over ranks is the loss of the global batch, the same
+        # number on every rank, for every rank's guard.
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
         loss_sum = loss_sum / b.dist.world_size
@@ -111,11 +137,6 @@ def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Te
         for group in b.optimizer.param_groups:
             group["lr"] = lr
         b.optimizer.step()
-        if b.float8_all_gather:
-            # The FP8 all-gather casts with scales computed here, once for all weights, from
-            # the updated ones (one all-reduce of the amaxes), instead of per weight per gather.
-            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-
-            precompute_float8_dynamic_scale_for_fsdp(b.model)
+        refresh_fp8_gather_scales(b)
     b.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped)

@@ -36,7 +36,8 @@ from fp8lab.train.recovery import GuardStopped, Recovery
 from fp8lab.train.rng import capture_rng, restore_rng
 from fp8lab.train.rundir import check_run_dir, write_run_config
 from fp8lab.train.step import (
-    StepResult, finite_or_none, model_loss, peak_memory_gb, to_device, token_loss, train_step,
+    StepResult, finite_or_none, fp8_gathered_weights, model_loss, peak_memory_gb, refresh_fp8_gather_scales,
+    to_device, token_loss, train_step,
 )
 
 
@@ -68,6 +69,7 @@ class Trainer(Recovery):
         self.skipped_steps = 0
         if resume is not None:
             self._restore(resume[1], state)
+        refresh_fp8_gather_scales(self.b)  # the first step's FP8 gathers use precomputed scales too
         # Taken before the first step: what every recipe of a comparison must share.
         self.init_digest: str | None = state.get("init_digest") if resume is not None else (
             weights_digest(self.b.model) if self.cfg.logging.fingerprint else None)
@@ -347,6 +349,8 @@ class Trainer(Recovery):
             "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
             "params": sum(p.numel() for p in b.model.parameters()), "flops_per_token": b.flops_per_token,
             "peak_bf16_tflops": self.peak_tflops, "notes": b.notes, "init_digest": self.init_digest,
+            "parallel": {"data_parallel": cfg.parallel.data_parallel, "world_size": self.env.world_size,
+                         "fp8_gathered_weights": fp8_gathered_weights(b.model)},
             "versions": {"torch": torch.__version__, "torchao": importlib.metadata.version("torchao"),
                          "python": platform.python_version(), "cuda": torch.version.cuda},
         }
