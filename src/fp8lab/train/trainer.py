@@ -187,7 +187,8 @@ class Trainer(Recovery):
             # root's weights gathered after a forward with no backward; shard them again.
             from torch.distributed.fsdp import FSDPModule
 
-            both = torch.stack([total, torch.tensor(float(count), device=b.device)])
+            # float64: a token count above 2**24 is not exact in float32.
+            both = torch.stack([total.double(), torch.tensor(float(count), device=b.device, dtype=torch.float64)])
             torch.distributed.all_reduce(both)
             for m in b.model.modules():
                 if isinstance(m, FSDPModule):
