@@ -163,3 +163,23 @@ def test_fp8_all_gather_refuses_shards_torchao_cannot_gather(tiny_data, tmp_path
                     cache=tmp_path / "cache", ranks=3)
     assert proc.returncode != 0
     assert "not a multiple of the 3 ranks" in proc.stdout + proc.stderr
+
+
+def test_bf16_gathers_in_bf16_and_keeps_fp32_masters(tiny_data, tmp_path):
+    """With bf16 compute, FSDP2 gathers the weights in bf16 and reduces the gradients in fp32
+    (MixedPrecisionPolicy, as torchtitan does): the losses follow the one-process bf16-autocast
+    run closely (norms and embeddings now run in bf16 too), and checkpoints hold fp32 masters."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    args = tiny_args(data__path=tiny_data, **BASE)
+    single = run_cli(["train", "--run-dir", tmp_path / "one", *args, "--data.micro_batch_size=8"],
+                     cache=tmp_path / "cache")
+    assert single.returncode == 0, single.stderr[-2000:]
+    two = torchrun(["--run-dir", tmp_path / "two", *args, "--data.micro_batch_size=4"], cache=tmp_path / "cache")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=5e-3)
+    assert summary(tmp_path / "two")["compute_dtype"] == "bfloat16"
+    meta = FileSystemReader(tmp_path / "two" / "checkpoints" / "step-3" / "dcp").read_metadata()
+    dtypes = {m.properties.dtype for k, m in meta.state_dict_metadata.items() if k.startswith("model.")}
+    assert dtypes == {torch.float32}

@@ -217,7 +217,7 @@ class ParallelConfig:
                                      "gradients and optimizer state sharded over the ranks)",
                              choices=("none", "fsdp"))
     float8_all_gather: bool = opt(False, "with fsdp and fp8-tensorwise: all-gather the converted weights in "
-                                         "FP8 (a quarter of the bytes of the fp32 gather used otherwise)")
+                                         "FP8 (half the bytes of the bf16 gather used otherwise)")
 
     def __post_init__(self):
         _check_choices(self, "parallel")

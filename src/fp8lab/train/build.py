@@ -163,7 +163,7 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
     if cfg.parallel.data_parallel == "fsdp":
         if cfg.parallel.float8_all_gather:
             _check_fp8_gather_shapes(model, report, env.world_size)
-        shard(model, env, device=device)
+        shard(model, env, device=device, compute_dtype=compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     return Built(device=device, model=model, optimizer=optimizer, report=report,
                  compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
@@ -182,15 +182,18 @@ def _check_fp8_gather_shapes(model: nn.Module, report: ConversionReport, world_s
                               f"use a rank count that divides {rows}, or --parallel.float8_all_gather=false")
 
 
-def shard(model: nn.Module, env: DistEnv, *, device: torch.device) -> None:
+def shard(model: nn.Module, env: DistEnv, *, device: torch.device, compute_dtype: torch.dtype) -> None:
     """FSDP2 over all ranks: each block is its own unit (its weights are gathered just before
-    it runs and freed after), then the root for the embeddings, norm and output layer."""
+    it runs and freed after), then the root for the embeddings, norm and output layer. With
+    bf16 compute the weights are gathered in bf16 (half the bytes of the fp32 masters) and the
+    gradients reduced in fp32, as torchtitan does; FP8 all-gathered weights go as FP8."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not env.active:
         raise FP8LabError("parallel.data_parallel=fsdp needs a process group: launch with torchrun")
     mesh = init_device_mesh(device.type, (env.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
