@@ -25,18 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from fp8lab.config import load_config
-from fp8lab.data import write_dataset
+from fp8lab.bench.step_bench import random_dataset
 from fp8lab.train.build import build
 from fp8lab.train.trainer import Trainer
 
 VOCAB = 320
-
-
-def make_data(path: Path, seq_len: int) -> Path:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, size=(512, seq_len + 1))
-    return write_dataset(path, train=[tokens], val=[tokens[:8]], seq_len=seq_len, vocab_size=VOCAB, eos_id=None,
-                         tokenizer={"type": "random"}, sources=[{"kind": "random", "seed": 0}])
 
 
 def bare_step_fn(b, batch, grad_clip: float):
@@ -78,7 +71,7 @@ def main() -> int:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp) / "data", args.seq_len)
+        data = random_dataset(vocab=VOCAB, seq_len=args.seq_len, count=512)  # cached, reused
         total = args.warmup + 2 * args.steps
         cfg = load_config(None, {
             "model.preset": args.preset, "data.path": str(data), "data.seq_len": str(args.seq_len),

@@ -4,9 +4,7 @@ the headline, from the result dict of step_bench.run_bench."""
 from __future__ import annotations
 
 
-def _f(v, spec: str, suffix: str = "") -> str:
-    return "-" if v is None else format(v, spec) + suffix
-
+from fp8lab.train.console import fmt as _f
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The per-recipe table as (header, rows) of text, for the console and for markdown."""

@@ -61,6 +61,20 @@ def _torch_version() -> str:
         return "unknown"
 
 
+def stack_versions() -> dict:
+    """torch, torchao, Python and CUDA versions, as every summary and bench result records them."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    try:
+        ao = md.version("torchao")
+    except md.PackageNotFoundError:
+        ao = None
+    return {"torch": torch.__version__, "torchao": ao, "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
 def rates_key(device_name: str, torch_version: str) -> str:
     return f"{device_name} | torch {torch_version}"
 

@@ -303,25 +303,10 @@ def launch(spec: dict, workdir: Path, *, timeout_s: float | None) -> dict:
             "log_tail": text.splitlines()[-30:]}
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    import torch
-
-    def v(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    return {"torch": torch.__version__, "torchao": v("torchao"), "python": platform.python_version(),
-            "cuda": torch.version.cuda}
-
-
 def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s: None) -> dict:
     """The whole benchmark: the result dict (see README, "fp8lab bench")."""
     check_options(opts)
+    from fp8lab.bench.measure import stack_versions
     from fp8lab.config import load_config
     from fp8lab.models.presets import PRESETS
     from fp8lab.precision import get_recipe
@@ -407,7 +392,7 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
                      + ("CUDA events" if cuda else "wall clock, FP8 emulated") + "; ratio = bf16 ms / recipe ms "
                      "(> 1: the recipe is faster); converted = how many of these layers the step above converted"),
             "rows": layer_rows},
-        "notes": notes, "versions": _versions(),
+        "notes": notes, "versions": stack_versions(),
     }
 
 

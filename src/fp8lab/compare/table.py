@@ -8,13 +8,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from fp8lab.train.console import console
+from fp8lab.train.console import fmt as _f
 
 STYLE = {"baseline": "bold", "parity": "green", "worse": "red", "diverged": "bold red",
          "inconclusive": "yellow", "unsupported": "dim", "failed": "red"}
-
-
-def _f(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def print_summary(summary: dict) -> None:

@@ -24,8 +24,9 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def fmt(v, spec: str, suffix: str = "") -> str:
+    """A number for a table cell; '-' where there is none."""
+    return "-" if v is None else format(v, spec) + suffix
 
 
 class TrainProgress:
@@ -43,15 +44,15 @@ class TrainProgress:
             self.bar.start()
 
     def update(self, rec: dict) -> None:
-        info = (f"loss {_fmt(rec['loss'], '.4f')}  lr {rec['lr']:.2e}  "
-                f"{_fmt(rec['tokens_per_s'], ',.0f')} tok/s")
+        info = (f"loss {fmt(rec['loss'], '.4f')}  lr {rec['lr']:.2e}  "
+                f"{fmt(rec['tokens_per_s'], ',.0f')} tok/s")
         if self.quiet:
             return
         if self.bar is not None:
             self.bar.update(self.task, completed=rec["step"], info=info)
         elif rec["step"] % self.log_interval == 0 or "eval_loss" in rec:
             extra = f"  eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
-            console.print(f"step {rec['step']:>6}  {info}  mfu {_fmt(rec['mfu'], '.1%')}{extra}")
+            console.print(f"step {rec['step']:>6}  {info}  mfu {fmt(rec['mfu'], '.1%')}{extra}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -71,8 +72,8 @@ def summary_table(summaries: list[dict], *, title: str = "fp8lab runs") -> Table
         ratio = f"{tps / base:.2f}x" if tps and base else "-"
         t.add_row(
             s.get("run_dir", "-"), s["recipe"] + (" (emulated)" if s.get("emulated") else ""), str(s["steps"]),
-            _fmt(s.get("final_train_loss"), ".4f"), _fmt(s.get("final_eval_loss"), ".4f"),
-            _fmt(tps, ",.0f"), ratio, _fmt(s.get("mem_peak_gb"), ".2f"),
+            fmt(s.get("final_train_loss"), ".4f"), fmt(s.get("final_eval_loss"), ".4f"),
+            fmt(tps, ",.0f"), ratio, fmt(s.get("mem_peak_gb"), ".2f"),
             str(s["conversion"]["num_converted"]),
         )
     return t

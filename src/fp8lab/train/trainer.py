@@ -5,9 +5,7 @@ serves the guard and the log. Rollbacks live in recovery.py."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fp8lab.bench.gpus import bf16_peak_tflops
+from fp8lab.bench.measure import stack_versions
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
 from fp8lab.data.shards import sha256_file
@@ -352,8 +351,7 @@ class Trainer(Recovery):
             "peak_bf16_tflops": self.peak_tflops, "notes": b.notes, "init_digest": self.init_digest,
             "parallel": {"data_parallel": cfg.parallel.data_parallel, "world_size": self.env.world_size,
                          "fp8_gathered_weights": fp8_gathered_weights(b.model)},
-            "versions": {"torch": torch.__version__, "torchao": importlib.metadata.version("torchao"),
-                         "python": platform.python_version(), "cuda": torch.version.cuda},
+            "versions": stack_versions(),
         }
         if reason:
             summary["reason"] = reason
