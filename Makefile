@@ -1,6 +1,6 @@
 # Each target does its own set-up, so both work on a fresh machine:
 #   make demo   fp8lab compare: BF16 vs FP8 on the embedded corpus, verdict and report (CPU, a few minutes)
-#   make test   the test suite (CPU; GPU tests are skipped without a GPU)
+#   make test   the test suite (CPU; GPU tests are skipped without a GPU), ~11 minutes on 2 cores
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# Two workers, a test file each at a time (its module fixtures are built once): most tests wait
+# on child processes, so the second core is otherwise idle.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Two seeds of each recipe: BF16's seed-to-seed spread is the noise band the FP8 gap is judged against.
 demo: $(STAMP)

@@ -4,7 +4,7 @@ For every distinct linear shape of a preset (the output head excluded, as fp8lab
 --tokens tokens per micro-batch, it prints the roofline's predicted speedup of each recipe over
 bf16 (forward + backward of the layer) for this GPU, with the rates advise would use (this
 card's `fp8lab doctor` measurement when cached) and with the datasheet's, and on a CUDA GPU
-the measured speedup (bench.measure.time_linear: fp32 master weight, bf16 autocast,
+the measured speedup (perf.measure.time_linear: fp32 master weight, bf16 autocast,
 torch.compile, CUDA events, warm-up, median). Without CUDA it prints the predictions only.
 
     python benchmarks/advise_vs_measured.py --preset 1b --tokens 16384 \\
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fp8lab.bench.gpus import GPUS, get_gpu, lookup_gpu
-    from fp8lab.bench.measure import load_measured_rates, time_linear
-    from fp8lab.bench.roofline import layer_speedup, model_linears, rates_for, supports
+    from fp8lab.gpus import GPUS, get_gpu, lookup_gpu
     from fp8lab.models.presets import preset_args
+    from fp8lab.perf.measure import load_measured_rates, time_linear
+    from fp8lab.perf.roofline import layer_speedup, model_linears, rates_for, supports
     from fp8lab.precision.recipes import get_recipe
 
     cuda = torch.cuda.is_available()

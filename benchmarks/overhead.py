@@ -24,27 +24,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fp8lab.config import load_config
 from fp8lab.bench.step_bench import random_dataset
+from fp8lab.config import load_config
 from fp8lab.train.build import build
 from fp8lab.train.trainer import Trainer
 
 VOCAB = 320
 
 
-def bare_step_fn(b, batch, grad_clip: float):
-    """A plain training step on the built model, nothing of fp8lab's loop around it."""
-    params = list(b.model.parameters())
+def bare_step_fn(parts, batch, grad_clip: float):
+    """A plain training step on the built model and optimizer, nothing of fp8lab's loop around it."""
+    params = list(parts.model.parameters())
     x, y = batch
 
     def step() -> float:
-        with b.autocast():
-            logits = b.model(x)
+        with parts.autocast():
+            logits = parts.model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        b.optimizer.step()
-        b.optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
         return loss.item()
     return step
 
@@ -83,8 +83,8 @@ def main() -> int:
         })
         trainer = Trainer(cfg, Path(tmp) / "run")
         progress = trainer.start_loop()
-        bare_built = build(cfg)
-        bare = bare_step_fn(bare_built, bare_built.loader.next_batch(), cfg.optim.grad_clip or float("inf"))
+        bare_parts = build(cfg)
+        bare = bare_step_fn(bare_parts, bare_parts.loader.next_batch(), cfg.optim.grad_clip or float("inf"))
         for _ in range(args.warmup):
             trainer.advance(progress)
             bare()
@@ -98,7 +98,7 @@ def main() -> int:
                 t_trainer.append(timed(lambda: trainer.advance(progress)))
         progress.close()
         trainer.logs.close()
-        trainer.b.loader.close()
+        trainer.parts.loader.close()
 
     mt, mb = statistics.median(t_trainer), statistics.median(t_bare)
     tokens = args.micro_batch * args.seq_len

@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from fp8lab.bench.advise import advise
-from fp8lab.bench.measure import save_measured_rates
 from fp8lab.cli import main
+from fp8lab.gpus import GPUS
 from fp8lab.models.presets import PRESETS
+from fp8lab.perf.measure import save_measured_rates
 from helpers import REPO
 
 
@@ -120,3 +121,24 @@ def test_advise_vs_measured_script_on_cpu(tmp_path):
     assert all(r["measured"] is None and r["predicted"] > 0 for r in rows)
     assert "predictions only" in (tmp_path / "advise_vs_measured.md").read_text()
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu" / "advise_check.sh")]).returncode == 0
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_mfu_never_passes_100_percent(gpu):
+    """For every GPU in the table, every recipe advise can print, every rate source it can use
+    (a doctor measurement above the datasheet included), small and large models and batches:
+    the predicted MFU divides by a peak no kernel of the prediction can beat (issue 11: the
+    5090 once read 102%)."""
+    spec = GPUS[gpu]
+    sources = ["vendor"] + (["microbench"] if spec.alternatives.get("bf16_dense_tflops") else [])
+    fast = {"bf16_tflops": spec.bf16_dense_tflops * 1.3, "fp8_tflops": (spec.fp8_fp32acc_tflops or 0) * 1.3 or None,
+            "mem_bandwidth_gbs": spec.mem_bandwidth_gbs, "device_name": spec.name, "date": "2026-12-01"}
+    seen = 0
+    for preset, tokens, seq in (("125m", 2048, 512), ("1b", 16384, 512), ("8b", 65536, 8192)):
+        for source, measured in [(s, None) for s in sources] + [("measured", fast)]:
+            a = advise(PRESETS[preset], gpu=gpu, tokens=tokens, seq_len=seq, rate_source=source, measured=measured)
+            for r in a.recipes:
+                if r.supported:
+                    assert 0 < r.mfu <= 1.0, (gpu, preset, source, r.recipe, r.mfu)
+                    seen += 1
+    assert seen >= 3 * (len(sources) + 1)  # bf16 at least, on every model and source

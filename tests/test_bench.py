@@ -13,7 +13,8 @@ from torch import nn
 
 from fp8lab.bench.step_bench import EMULATED_SPEED_NOTE, failure_reason, random_dataset
 from fp8lab.cli import main
-from fp8lab.precision.capability import EMULATION_NOTE
+from fp8lab.env import cpu_has_native_bf16
+from fp8lab.precision.support import EMULATION_NOTE
 from helpers import SEQ_LEN, TINY, run_cli, tiny_args, tiny_config
 
 STEPS, WARMUP = 3, 1
@@ -40,7 +41,8 @@ def test_json_alone_on_stdout_and_in_the_out_file(bench):
     result = json.loads(proc.stdout)  # nothing but the JSON on stdout
     assert json.loads((out / "r.json").read_text()) == result
     md = (out / "r.md").read_text()
-    assert "| bf16 | ok |" in md and "| fp8-tensorwise | ok |" in md and "bf16/recipe" in md
+    baseline = result["recipes"][0]["label"]  # "bf16", or what ran instead on a CPU without native bf16
+    assert f"| {baseline} | ok |" in md and "| fp8-tensorwise | ok |" in md and "bf16/recipe" in md
 
 
 def test_every_timed_step_counted_and_the_figures_follow_from_them(bench):
@@ -56,7 +58,7 @@ def test_every_timed_step_counted_and_the_figures_follow_from_them(bench):
         assert row["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / row["step_time_s"])
         assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
         assert row["tflops"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
-        assert row["mfu"] is None and r["peak_bf16_tflops"] is None  # no BF16 peak for a CPU
+        assert row["mfu"] is None and row["mfu_peak_tflops"] is None  # no peak for a CPU
         assert row["startup_s"] >= row["build_s"] > 0 and row["mem_peak_gb"] > 0
         assert row["loss_last"] is not None and row["skipped_steps"] == 0
         assert row["device"] == r["device"] == "cpu"
@@ -71,7 +73,9 @@ def test_emulated_rows_say_so_loudly(bench):
     r = json.loads(bench[0].stdout)
     bf16, fp8 = r["recipes"]
     assert fp8["emulated"] and EMULATION_NOTE in fp8["notes"] and fp8["compute_dtype"] == "float32"
-    assert not bf16["emulated"] and bf16["compute_dtype"] == "bfloat16"
+    native = cpu_has_native_bf16()  # bf16 autocast where native; fp32 where it would be emulated
+    assert not bf16["emulated"] and bf16["compute_dtype"] == ("bfloat16" if native else "float32")
+    assert bf16["label"] == ("bf16" if native else "fp32 (bf16 recipe on a CPU without native bf16)")
     assert EMULATED_SPEED_NOTE in r["notes"]
     assert "fp8-tensorwise: build" in bench[0].stderr  # progress goes to stderr under --json
 

@@ -11,15 +11,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from helpers import trainer_config
 from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
-    MARKER, list_complete, load_model_weights, prune, read_state,
+    MARKER,
+    list_complete,
+    load_model_weights,
+    prune,
+    read_state,
 )
 from fp8lab.train.logs import read_jsonl
 from fp8lab.train.trainer import train
+from helpers import trainer_config
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torch
 from fp8lab.data.loader import IGNORE_INDEX
 from fp8lab.models import Transformer, preset_args
 from fp8lab.precision import convert
+from fp8lab.train.logs import read_jsonl
 from fp8lab.train.step import model_loss
 from fp8lab.train.trainer import Trainer
 from helpers import trainer_config
-from fp8lab.train.logs import read_jsonl
 
 
 def _model(recipe: str | None = None) -> Transformer:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from fp8lab.config import JobConfig, load_config, parse_overrides
 from fp8lab.precision.recipes import RECIPES
-from helpers import run_cli, tiny_args, tree_digest
+from helpers import REPO, cli_env, run_cli, tiny_args, tree_digest
 
 METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s", "tflops", "mfu",
                  "mem_peak_gb", "recipe"}
@@ -48,6 +51,21 @@ def trained(tmp_path_factory, cache):
 
 
 # -- informational commands ---------------------------------------------------------------------
+
+
+def test_version(cache):
+    import fp8lab
+
+    proc = run_cli(["--version"], cache=cache)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fp8lab {fp8lab.__version__}", proc.stderr
+
+
+def test_a_closed_pipe_ends_quietly(cache):
+    """`fp8lab advise ... --json | head -c 600`: the reader leaves early; no traceback, exit 0."""
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m fp8lab advise --model 8b "
+                                         "--gpu h100-sxm --json | head -c 600 > /dev/null"],
+                          env=cli_env(cache), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_recipes_lists_the_five_recipes(cache):
@@ -111,6 +129,20 @@ def test_run_dir_holding_a_different_run_is_refused_byte_for_byte(cache, trained
     assert tree_digest(run) == before
 
 
+def test_a_second_trainer_on_a_run_is_refused_naming_the_first(cache, trained, tmp_path):
+    """Two trainers must never share a run directory: the second is refused before it reads or
+    writes anything there, naming the process that holds the run's lock (here: this one)."""
+    from fp8lab.lock import DirLock
+
+    run = shutil.copytree(trained[0], tmp_path / "R")
+    with DirLock(run / ".lock"):
+        before = tree_digest(run)
+        proc = run_cli(["train", "--run-dir", run, *tiny_args(train__steps=6)], cache=cache)
+        assert_cli_error(proc, f"run directory {run} is in use", f"process {os.getpid()}", str(run / ".lock"))
+        assert tree_digest(run) == before
+    assert not (run / ".lock").exists()
+
+
 def test_non_empty_non_run_dir_is_refused_untouched(cache, tmp_path):
     run = tmp_path / "mine"
     (run / "data").mkdir(parents=True)
@@ -122,9 +154,9 @@ def test_non_empty_non_run_dir_is_refused_untouched(cache, tmp_path):
     assert tree_digest(run) == before
 
 
-def test_show_of_a_directory_without_summary_is_an_error(cache, tmp_path):
+def test_show_of_a_directory_without_a_run_is_an_error(cache, tmp_path):
     proc = run_cli(["show", tmp_path], cache=cache)
-    assert_cli_error(proc, f"{tmp_path}/summary.json does not exist", str(tmp_path))
+    assert_cli_error(proc, f"{tmp_path} holds no fp8lab run", str(tmp_path))
 
 
 # -- a successful run -------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from helpers import REPO, cli_env, run_cli, tiny_args, tree_digest
+from fp8lab.cli import main
 from fp8lab.train.logs import read_jsonl
+from helpers import REPO, cli_env, run_cli, tiny_args, tree_digest
 
 RECIPES = "bf16,fp8-tensorwise"
 
@@ -63,12 +64,12 @@ def test_runs_of_a_seed_share_weights_and_batches_and_seeds_differ(compared):
     assert "fp8-tensorwise" in proc.stdout and "report:" in proc.stdout
 
 
-def test_a_rerun_with_other_settings_is_refused_and_damages_nothing(compared, tiny_data):
+def test_a_rerun_with_other_settings_is_refused_and_damages_nothing(compared, tiny_data, capsys):
     out, _ = compared
     before = tree_digest(out)
-    proc = run_cli([*compare_args(tiny_data, out, "--optim.lr=1e-2"), "--seeds", "2"], cache=out.parent / "cache")
-    assert proc.returncode == 2
-    assert "optim.lr" in proc.stderr and "choose a new --out" in proc.stderr
+    assert main([*compare_args(tiny_data, out, "--optim.lr=1e-2"), "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "choose a new --out" in err
     assert tree_digest(out) == before
 
 
@@ -169,25 +170,24 @@ def test_unsupported_and_diverged_recipes_are_rows_not_crashes(tiny_data, tmp_pa
     (["--train.stepz=3"], "train.stepz"),
     (["--parallel.data_parallel=fsdp"], "compare trains one process per run"),
 ])
-def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
+def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message, capsys):
     out = tmp_path / "C"
-    proc = run_cli(["compare", "--out", str(out), *tiny_args(), *args], cache=tmp_path / "cache")
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
+    assert main(["compare", "--out", str(out), *tiny_args(), *args]) == 2  # in this process: nothing runs
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_an_unrelated_directory_is_not_used_as_out(tmp_path):
+def test_an_unrelated_directory_is_not_used_as_out(tmp_path, capsys):
     out = tmp_path / "C"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    proc = run_cli(["compare", "--out", str(out), "--recipes", "bf16", *tiny_args()], cache=tmp_path / "cache")
-    assert proc.returncode == 2 and "holds no fp8lab comparison" in proc.stderr
+    assert main(["compare", "--out", str(out), "--recipes", "bf16", *tiny_args()]) == 2
+    assert "holds no fp8lab comparison" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_show_prints_a_comparison(compared):
+def test_show_prints_a_comparison(compared, capsys):
     out, _ = compared
-    proc = run_cli(["show", str(out)], cache=out.parent / "cache")
-    assert proc.returncode == 0, proc.stderr
-    assert "inconclusive" in proc.stdout and "baseline" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout
+    assert main(["show", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "inconclusive" in said and "baseline" in said and f"report: {out / 'report.html'}" in said

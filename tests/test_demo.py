@@ -34,12 +34,13 @@ def test_demo_config_trains_fp8_rowwise_and_the_loss_falls(tmp_path):
 
 def test_demo_spike_drill_rolls_back_down_the_ladder_and_finishes(tmp_path):
     """The reliability issue's acceptance command: a spike injected at step 15 of an emulated
-    fp8-tensorwise demo run is caught, rolled back, and the run finishes on a safer recipe."""
+    fp8-tensorwise demo run is caught, rolled back, and the run finishes on a safer recipe
+    (25 steps here, 40 in the issue: the same path, less CPU time)."""
     run = tmp_path / "R"
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [sys.executable, "-m", "fp8lab", "train", "-c", str(REPO / "configs" / "demo.toml"),
-         "--precision.recipe=fp8-tensorwise", "--debug.inject_spike_at_step=15", "--train.steps=40",
+         "--precision.recipe=fp8-tensorwise", "--debug.inject_spike_at_step=15", "--train.steps=25",
          "--run-dir", str(run)],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -49,7 +50,7 @@ def test_demo_spike_drill_rolls_back_down_the_ladder_and_finishes(tmp_path):
     assert events[0]["step"] == 15 and events[1]["recipe"] == "fp8-rowwise"
     assert "rollback:" in proc.stdout and "fp8-tensorwise -> fp8-rowwise" in proc.stdout  # said on the console
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["recipe"] == "fp8-rowwise" and summary["rollbacks"] == 1 and summary["steps"] == 40
+    assert summary["recipe"] == "fp8-rowwise" and summary["rollbacks"] == 1 and summary["steps"] == 25
     assert summary["status"] == "completed" and summary["final_train_loss"] < 4
 
 

@@ -1,7 +1,7 @@
 """fp8lab doctor: the real probes on this CPU, and the GPU logic on stand-in devices.
 
 This machine has no GPU, so the GPU cases replace the functions that read the device
-(device_info, probe_*, driver_version) - and only those; fp8lab's capability gate, which
+(device_info, probe_*, driver_version) - and only those; fp8lab's capability check, which
 decides what a GPU of that capability can run, is the real one."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from fp8lab.bench import doctor
 from fp8lab.bench.doctor import DeviceInfo, probe_collective, read_pins, run_doctor
 from fp8lab.cli import main
+from fp8lab.env import cpu_has_native_bf16
 from helpers import REPO
 
 FP8 = ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp", "mxfp8"]
@@ -28,7 +29,8 @@ def test_cpu_verdict(cpu_report):
     assert r.exit_code == 0 and r.bf16_runs and r.device.kind == "cpu"
     assert r.runs_natively == ["bf16"] and r.runs_emulated == FP8 and not r.unavailable
     by = {c.name: c for c in r.checks}
-    assert by["recipe bf16 (default)"].status == "pass"
+    # Native bf16 passes; on a CPU without it (AVX2 only) bf16 runs emulated and training uses fp32.
+    assert by["recipe bf16 (default)"].status == ("pass" if cpu_has_native_bf16() else "warn")
     assert "emulated" in by["recipe fp8-rowwise"].detail and "not FP8 speed" in by["recipe fp8-rowwise"].detail
     assert by["torch.compile"].status == "pass"  # the real compile probe ran
     assert by["torch"].status == "pass" and by["torchao"].status == "pass"  # the pinned stack
@@ -46,6 +48,19 @@ def test_cli_json_and_text(capsys, cpu_report, monkeypatch):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "verdict" in out and "emulated" in out and "fp8-tensorwise" in out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_says_whether_it_is_native(monkeypatch, native):
+    """The bf16 check on a CPU with and without native bf16 (the oneDNN probe stood in for)."""
+    monkeypatch.setattr(doctor, "cpu_has_native_bf16", lambda: native)
+    for name in ("probe_converted", "probe_compile"):  # not what this test is about
+        monkeypatch.setattr(doctor, name, lambda *a: None)
+    c = next(c for c in run_doctor(measure=False).checks if c.name == "recipe bf16 (default)")
+    if native:
+        assert c.status == "pass" and "runs on CPU" in c.detail
+    else:
+        assert c.status == "warn" and c.detail.startswith("bf16 emulated, slow: fp32 used") and c.fix
 
 
 def test_pins():
@@ -88,7 +103,7 @@ def test_capability_8_0_reports_fp8_unsupported(monkeypatch):
     assert by["GPU"].status == "pass" and "8.0" in by["GPU"].detail
     assert by["GPU table"].status == "pass" and "312" in by["GPU table"].detail
     assert by["driver"].detail.endswith("580.95.05")
-    assert asked == []  # the gate refused before any FP8 kernel was launched
+    assert asked == []  # the support check refused before any FP8 kernel was launched
 
 
 def test_hopper_runs_float8_not_mxfp8(monkeypatch):

@@ -8,12 +8,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from fp8lab.train.logs import read_jsonl
-import numpy as np
-
 from fp8lab.data import write_dataset
+from fp8lab.train.logs import read_jsonl
 from helpers import REPO, SEQ_LEN, cli_env, markov_tokens, run_cli, tiny_args
 
 BASE = dict(train__steps=6, train__eval_interval=0, train__eval_batches=2, checkpoint__interval=3,
@@ -99,6 +98,25 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint_to_the_same_end(r
     assert one.returncode != 0 and "written by 2 rank(s), this run has 1" in one.stdout + one.stderr
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(runs, tiny_data, tmp_path):
+    """SIGTERM reaches rank 1 only, after step 1: the request rides on step 2's loss all-reduce,
+    so both ranks save step 2 together and stop (exit 75); the same command resumes to the end
+    of the uninterrupted run."""
+    run = tmp_path / "R"
+    args = ["--run-dir", str(run), *tiny_args(data__path=tiny_data, data__micro_batch_size=4,
+                                              precision__recipe="bf16", precision__compute_dtype="fp32", **BASE)]
+    stopped = torchrun(args, cache=tmp_path / "cache",
+                       env_extra={"FP8LAB_KILL_AT": "step-end@1:TERM", "FP8LAB_KILL_RANK": "1"})
+    assert stopped.returncode != 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    said = stopped.stdout + stopped.stderr
+    assert "stopped (rank 0)" in said and "stopped (rank 1)" in said and "stopped after step 2" in said
+    assert [e["step"] for e in read_jsonl(run / "events.jsonl") if e["kind"] == "preempted"] == [2]
+    resumed = torchrun(args, cache=tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run) == pytest.approx(losses(runs["fsdp-fp32-ag0"]), rel=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--parallel.float8_all_gather=true"], "needs parallel.data_parallel=fsdp"),
     (["--parallel.data_parallel=fsdp", "--parallel.float8_all_gather=true", "--precision.recipe=fp8-rowwise"],
@@ -172,7 +190,7 @@ def test_bf16_gathers_in_bf16_and_keeps_fp32_masters(tiny_data, tmp_path):
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    args = tiny_args(data__path=tiny_data, **BASE)
+    args = tiny_args(data__path=tiny_data, precision__compute_dtype="bf16", **BASE)  # bf16 on any CPU (tiny)
     single = run_cli(["train", "--run-dir", tmp_path / "one", *args, "--data.micro_batch_size=8"],
                      cache=tmp_path / "cache")
     assert single.returncode == 0, single.stderr[-2000:]

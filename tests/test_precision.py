@@ -13,7 +13,7 @@ from torch import nn
 from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer, preset_args
 from fp8lab.precision import RECIPES, convert, get_recipe, to_plain
-from fp8lab.precision.capability import check_cuda_capability
+from fp8lab.precision.support import check_cuda_capability
 
 FP8_RECIPES = [r for r in RECIPES if r != "bf16"]
 

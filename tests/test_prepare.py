@@ -19,8 +19,7 @@ from data_helpers import (
     write_parquet,
 )
 from fp8lab.cli import main
-from fp8lab.data import TokenLoader, eval_batches, open_dataset
-from fp8lab.data import arrays, readers
+from fp8lab.data import TokenLoader, arrays, eval_batches, open_dataset, readers
 from fp8lab.data.loader import IGNORE_INDEX
 from fp8lab.data.prepare import prepare_dataset
 from helpers import run_cli, tiny_args, tree_digest
@@ -278,3 +277,24 @@ def test_train_accepts_prepared_data(tmp_path):
     # Masked padding: fewer loss tokens than positions, so the loss must still be a finite number.
     assert len(metrics) == 4 and all(np.isfinite(m["loss"]) for m in metrics)
     assert torch.tensor([m["loss"] for m in metrics]).max() < 10
+
+
+def test_a_small_validation_split_is_warned_about_here_and_in_training(tmp_path, capsys):
+    """A validation split smaller than a default evaluation (8 sequences x 4 batches) once made
+    training evaluate on fewer batches without a word."""
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(40, seed=3))
+    out = tmp_path / "out"
+    assert main(["prepare", "--progress", "off", "-i", str(src), "-o", str(out), "--seq-len", "64",
+                 "--val-fraction", "0.05"]) == 0
+    said = capsys.readouterr().out
+    assert "note: the val split holds" in said and "fewer than the 32 a default evaluation reads" in said
+    val = open_dataset(out).split("val")
+    assert 0 < len(val) < 32
+    from fp8lab.config import load_config
+    from fp8lab.train.build import build
+
+    parts = build(load_config(None, {"data.path": str(out), "data.seq_len": "64", "train.eval_batches": "4",
+                                     "data.micro_batch_size": "8"}))
+    assert len(parts.eval_batches) == len(val) // 8 < 4
+    assert any(f"holds {len(val)} sequences: {len(val) // 8} eval batch(es) of 8 instead of train.eval_batches=4"
+               in n for n in parts.notes)

@@ -10,7 +10,7 @@ import pytest
 
 from fp8lab.train.checkpoint import list_complete, read_state
 from fp8lab.train.logs import read_jsonl
-from fp8lab.train.recovery import GuardStopped
+from fp8lab.train.rollback import GuardStopped
 from fp8lab.train.trainer import train
 from helpers import trainer_config
 

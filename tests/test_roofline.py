@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from fp8lab.bench.gpus import GPUS
-from fp8lab.bench.roofline import (CONSTANTS, GEMM_EFFICIENCY, MEM_BW_EFFICIENCY, ROWWISE_GEMM_REL, layer_speedup,
-                                   linear_cost, memory_gb, model_linears, rates_for, step_time)
 from fp8lab.errors import FP8LabError
+from fp8lab.gpus import GPUS
 from fp8lab.models.presets import PRESETS
+from fp8lab.perf.roofline import (
+    CONSTANTS,
+    GEMM_EFFICIENCY,
+    MEM_BW_EFFICIENCY,
+    ROWWISE_GEMM_REL,
+    layer_speedup,
+    linear_cost,
+    memory_gb,
+    model_linears,
+    rates_for,
+    step_time,
+)
 from fp8lab.precision.recipes import RECIPES
 
 FP8 = [r for r in RECIPES if r != "bf16"]

@@ -161,8 +161,30 @@ def test_checkpoint_recipe_overrides_the_command_line(run, data):
     got, resume, messages = prepare_run_dir(run, cfg)
     assert resume[0] == 4 and got.precision.recipe == "bf16"
     assert messages == ["precision.recipe=fp8-tensorwise ignored: the checkpoint at step 4 was trained "
-                        "with bf16, which wins on resume"]
+                        "with bf16, which wins on resume; pass --allow-recipe-change to train with "
+                        "fp8-tensorwise from here"]
     assert load_config(run / "config.toml").precision.recipe == "bf16"
+
+
+def test_allow_recipe_change_trains_the_command_lines_recipe_from_the_checkpoint(run, data):
+    cfg = tiny_config(data, checkpoint__interval=2, precision__recipe="fp8-tensorwise")
+    got, resume, messages = prepare_run_dir(run, cfg, allow_recipe_change=True)
+    assert resume[0] == 4 and got.precision.recipe == "fp8-tensorwise" and messages == []
+    assert load_config(run / "config.toml").precision.recipe == "fp8-tensorwise"
+
+
+def test_warm_up_in_bf16_then_continue_in_fp8(tmp_path, data):
+    """The use the flag is for, end to end: the change is an event with both recipes; the run
+    goes on from the bf16 checkpoint under FP8 (its weights and optimizer state load as they are)."""
+    run = tmp_path / "run"
+    train(tiny_config(data, train__steps=2, checkpoint__interval=2), run)
+    fp8 = tiny_config(data, train__steps=4, checkpoint__interval=2, precision__recipe="fp8-tensorwise")
+    summary = train(fp8, run, allow_recipe_change=True)
+    assert summary["recipe"] == "fp8-tensorwise" and summary["steps"] == 4
+    assert summary["conversion"]["num_converted"] > 0
+    change = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "recipe-change"]
+    assert [(e["step"], e["old"], e["new"]) for e in change] == [(2, "bf16", "fp8-tensorwise")]
+    assert [r["recipe"] for r in read_jsonl(run / "metrics.jsonl")] == ["bf16", "bf16"] + ["fp8-tensorwise"] * 2
 
 
 def test_without_a_checkpoint_a_recipe_change_is_a_different_run(tmp_path, data):
@@ -203,17 +225,21 @@ def test_jsonl_writer_drops_records_after_the_resume_step(tmp_path):
                                 {"step": 4, "loss": 40.0}]
 
 
-def test_jsonl_writer_drops_a_line_cut_by_a_kill_and_everything_after(tmp_path):
+def test_jsonl_writer_drops_a_line_cut_by_a_kill_and_keeps_the_rest(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(lines({"step": 1}, {"step": 2}, tail='{"step": 3, "lo'))
     w = JsonlWriter(path, keep_through_step=10)
     w.write({"step": 3, "loss": 1.5})
     w.close()
     assert path.read_text() == lines({"step": 1}, {"step": 2}, {"step": 3, "loss": 1.5})
-    # a cut line in the middle: the complete lines after it are suspect too
+    # one damaged line in the middle: it goes, the records after it stay (issue 12: they were
+    # once all dropped, and the summary then reported an early step's loss as final), and the
+    # writer counts it for the run's events
     path.write_text(lines({"step": 1}, tail='{"st\n') + lines({"step": 2}, {"step": 3}))
-    JsonlWriter(path, keep_through_step=10).close()
-    assert read_jsonl(path) == [{"step": 1}]
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    w = JsonlWriter(path, keep_through_step=10)
+    w.close()
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}, {"step": 3}] and w.dropped == 1
 
 
 def test_jsonl_writer_fresh_start_and_missing_file(tmp_path):

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from helpers import trainer_config
 from fp8lab.precision import RECIPES, to_plain
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import list_complete, load_model_weights, load_tensors
 from fp8lab.train.logs import read_jsonl
+from fp8lab.train.step import train_step
 from fp8lab.train.trainer import Trainer, train
+from helpers import trainer_config
 
 
 def _grads_at_first_step(cfg) -> dict[str, torch.Tensor]:
@@ -22,12 +23,12 @@ def _grads_at_first_step(cfg) -> dict[str, torch.Tensor]:
     grads = {}
 
     def capture(opt, args, kwargs):
-        for name, p in trainer.b.model.named_parameters():
+        for name, p in trainer.parts.model.named_parameters():
             grads[name] = p.grad.detach().clone()
 
-    trainer.b.optimizer.register_step_pre_hook(capture)
-    batches = [trainer.b.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-    trainer.train_step(1, batches)
+    trainer.parts.optimizer.register_step_pre_hook(capture)
+    batches = [trainer.parts.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+    train_step(trainer.parts, trainer.cfg, 1, batches)
     return grads
 
 
@@ -127,8 +128,8 @@ def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpo
 
 def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path):
     trainer = Trainer(trainer_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
-    b = trainer.b
-    assert trainer.train_step(1, [b.loader.next_batch()]).stepped  # a normal step first: state exists
+    b, cfg = trainer.parts, trainer.cfg
+    assert train_step(b, cfg, 1, [b.loader.next_batch()]).stepped  # a normal step first: state exists
 
     def snapshot():
         params = {n: p.detach().clone() for n, p in b.model.named_parameters()}
@@ -136,7 +137,7 @@ def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp
         return params, state
 
     before = snapshot()
-    result = trainer.train_step(2, [b.loader.next_batch()], drill=math.nan)  # what inject_nan_at_step does
+    result = train_step(b, cfg, 2, [b.loader.next_batch()], drill=math.nan)  # what inject_nan_at_step does
     assert not result.stepped and math.isnan(result.loss)
     after = snapshot()
     assert before[0].keys() == after[0].keys() and before[1].keys() == after[1].keys()

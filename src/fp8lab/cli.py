@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
+import fp8lab
 import fp8lab.commands
 from fp8lab.errors import FP8LabError
 
@@ -19,6 +21,7 @@ def _command_modules() -> list:
 
 def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
     p = argparse.ArgumentParser(prog="fp8lab", description="Train LMs in BF16 and FP8; find out whether FP8 pays.")
+    p.add_argument("--version", action="version", version=f"fp8lab {fp8lab.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     takes_overrides = set()
     for mod in _command_modules():
@@ -38,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, rest)
     except FP8LabError as e:
-        print(f"fp8lab: error: {e}", file=sys.stderr)
-        return 2
+        print(f"fp8lab: {e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("fp8lab: interrupted; the newest complete checkpoint resumes the run", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`fp8lab advise --json | head`): nothing is wrong
+        # here. Point stdout at /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import tomli_w
 
-from fp8lab.bench.gpus import GPUS
 from fp8lab.errors import FP8LabError
+from fp8lab.gpus import GPUS
 from fp8lab.models.presets import PRESETS
 from fp8lab.precision.recipes import RECIPES
 
@@ -88,6 +88,10 @@ class DataConfig:
         _positive("data", self, "seed", allow_zero=True)
 
 
+# Signals that stop a run after saving a checkpoint (train/preempt.py); SIGINT (Ctrl-C) stops at once.
+STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
 @dataclass
 class TrainConfig:
     steps: int = opt(100, "optimizer steps to train for")
@@ -103,9 +107,16 @@ class TrainConfig:
     deterministic: str = opt("auto", "torch deterministic algorithms: auto = on for CPU (cheap there, and "
                                      "compiled embedding backward is otherwise run-to-run different), off "
                                      "for CUDA (slower kernels)", choices=("auto", "on", "off"))
+    stop_signals: list[str] = opt(["SIGTERM", "SIGHUP"], "signals that save a checkpoint at the next step boundary "
+                                  "and stop with exit code 75 (a second one stops at once); add SIGUSR1 for "
+                                  "SLURM's `--signal=USR1@120`. Any of: " + ", ".join(STOP_SIGNALS))
 
     def __post_init__(self):
         _check_choices(self, "train")
+        bad = [s for s in self.stop_signals if s not in STOP_SIGNALS]
+        if bad:
+            raise FP8LabError(f"train.stop_signals={self.stop_signals!r}: {', '.join(map(repr, bad))} cannot be "
+                              f"caught to save and stop; choose from {', '.join(STOP_SIGNALS)} (Ctrl-C stops at once)")
         _positive("train", self, "steps", "grad_accum_steps", "eval_batches")
         _positive("train", self, "seed", "eval_interval", "threads", "loss_chunk_tokens", allow_zero=True)
 
@@ -229,6 +240,9 @@ class LoggingConfig:
     progress: str = opt("auto", "progress bar: auto = when the console is a terminal",
                         choices=("auto", "on", "off"))
     tensorboard: bool = opt(False, "also write the metrics to RUN/tensorboard (needs the tensorboard extra)")
+    wandb: bool = opt(False, "also log the metrics to Weights & Biases (needs the wandb extra; WANDB_MODE=offline "
+                             "logs without an account; the W&B run id is kept in RUN/wandb_id for resumes)")
+    wandb_project: str = opt("fp8lab", "the Weights & Biases project, with logging.wandb")
     telemetry_interval: int = opt(0, "per-layer FP8 telemetry to RUN/telemetry.jsonl every N steps (0: off; "
                                      "it costs a few extra passes over each converted layer's tensors)")
     fingerprint: bool = opt(False, "record a sha256 of the initial weights in summary.json (fp8lab compare "
@@ -299,6 +313,15 @@ class JobConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
+    def compact(self) -> list[str]:
+        """The resolved config, one line per section (`[train] steps=150 grad_accum_steps=1 ...`), for
+        the console at the start of a run; None (the preset's value) is left out, as in config.toml."""
+        def text(v: Any) -> str:
+            return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+        return [f"[{name}] " + " ".join(f"{k}={text(v)}" for k, v in values.items())
+                for name, values in self.to_dict().items()]
+
     def flat(self) -> dict[str, Any]:
         """{'section.key': value} for every field, None included."""
         return {
@@ -346,8 +369,20 @@ def _field_type(key: str) -> tuple[type, bool]:
     return (typing.get_origin(tp) or tp), False
 
 
+INT_LIMIT = 2**63  # what torch and numpy take as a count or a seed (int64)
+
+
 def _typed(key: str, value: Any, *, from_text: bool) -> Any:
     """Check (TOML) or parse (CLI text) a value against the field's type."""
+    value = _parsed(key, value, from_text=from_text)
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
+        raise FP8LabError(f"{key}={value} is out of range: at most {INT_LIMIT - 1:,}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise FP8LabError(f"{key} must be a list of non-empty names (strings), got {value!r}")
+    return value
+
+
+def _parsed(key: str, value: Any, *, from_text: bool) -> Any:
     _resolve(key)
     tp, optional = _field_type(key)
     if from_text:
@@ -376,7 +411,10 @@ def _typed(key: str, value: Any, *, from_text: bool) -> Any:
     )
     if not ok:
         raise FP8LabError(f"{key}={value!r} has type {type(value).__name__}; expected {tp.__name__}")
-    return float(value) if tp is float else value
+    try:
+        return float(value) if tp is float else value
+    except OverflowError:
+        raise FP8LabError(f"{key}={value} is too large for a float") from None
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """`fp8lab advise`: per recipe, the predicted step speedup over BF16, memory, the layers worth
-converting, the recommendation, and the caveats of the GPU, from bench.roofline.
+converting, the recommendation, and the caveats of the GPU, from perf.roofline.
 
 Pure arithmetic on the model's shape and the GPU table: no torch, nothing is run.
 """
@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fp8lab.bench.gpus import ADVISOR_RATES_WHY, GPUS, MEASURED_GEMMS, get_gpu
-from fp8lab.bench.roofline import (CONSTANTS, Rates, layer_speedup, memory_gb, model_linears, rates_for, step_time,
-                                   supports)
+from fp8lab.gpus import ADVISOR_RATES_WHY, GPUS, MEASURED_GEMMS, get_gpu, gpu_id_of
 from fp8lab.models.flops import flops_per_token, param_counts
 from fp8lab.models.llama import ModelArgs
-from fp8lab.precision.convert import _matches
-from fp8lab.precision.layer_filter import WIN_MARGIN
+from fp8lab.perf.layer_policy import WIN_MARGIN
+from fp8lab.perf.roofline import (
+    CONSTANTS,
+    Rates,
+    layer_speedup,
+    memory_gb,
+    model_linears,
+    rates_for,
+    step_time,
+    supports,
+)
+from fp8lab.precision.convert import eligible
 from fp8lab.precision.recipes import RECIPES, get_recipe
 
 RECOMMEND_MARGIN = 1.05  # a recipe is recommended over bf16 only if the whole step is 5% faster
@@ -28,7 +36,7 @@ class RecipeAdvice:
     speedup_all: float | None  # converting every eligible linear (precision.filter_mode=all)
     step_ms: float | None
     tokens_per_s: float | None
-    mfu: float | None  # against the dense BF16 datasheet peak, as the trainer reports it
+    mfu: float | None  # against the peak of the fastest math the recipe runs (Rates.mfu_peak), as training reports it
     memory_gb: float | None
     fits: bool | None
     converted: list[str] = field(default_factory=list)  # linear groups worth converting
@@ -77,12 +85,13 @@ def _caveats(gpu_id: str, rates: Rates, args: ModelArgs, tokens: int, seq_len: i
     if gpu_id in ADVISOR_RATES_WHY and rates.source != "measured":
         other = "vendor" if rates.source == "microbench" else "microbench"
         alt = rates_for(gpu_id, source=other)
-        conv = {g.name for g in model_linears(args) if not any(_matches(g.name, p) for p in skip_modules)}
         base = step_time(args, tokens=tokens, seq_len=seq_len, rates=alt, recipe="bf16", converted=set(),
                          grad_accum=grad_accum, num_gpus=num_gpus).total_s
         parts = []
         for r in ("fp8-tensorwise", "mxfp8"):
             if not supports(get_recipe(r), alt):
+                conv = {g.name for g in model_linears(args)
+                        if eligible(g.name, g.k, g.n, get_recipe(r), skip_modules) is None}
                 t = step_time(args, tokens=tokens, seq_len=seq_len, rates=alt, recipe=r, converted=conv,
                               grad_accum=grad_accum, num_gpus=num_gpus).total_s
                 parts.append(f"{r} {base / t:.2f}x")
@@ -110,7 +119,7 @@ def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: 
            measured: dict | None = None) -> Advice:
     """Predict every recipe for `args` on `gpu` at `tokens` tokens per micro-batch."""
     spec = get_gpu(gpu)
-    gpu_id = next(k for k, v in GPUS.items() if v is spec)
+    gpu_id = gpu_id_of(spec)
     rates = rates_for(gpu_id, source=rate_source, measured=measured)
     skip_modules = list(skip_modules)
     groups = model_linears(args)
@@ -123,14 +132,13 @@ def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: 
         if why:
             results.append(RecipeAdvice(name, False, None, None, None, None, None, None, None, notes=[why]))
             continue
-        eligible = [g for g in groups if not any(_matches(g.name, p) for p in skip_modules)
-                    and not (g.k % recipe.dim_multiple or g.n % recipe.dim_multiple)]
-        layer = {g.name: round(layer_speedup(tokens, g.k, g.n, recipe, rates), 3) for g in eligible} \
+        can = [g for g in groups if eligible(g.name, g.k, g.n, recipe, skip_modules) is None]
+        layer = {g.name: round(layer_speedup(tokens, g.k, g.n, recipe, rates), 3) for g in can} \
             if recipe.is_low_precision else {}
         worth = {n for n, s in layer.items() if s >= WIN_MARGIN}
         low = recipe.is_low_precision
         t = step_time(args, recipe=name, converted=worth, **kw) if low else base
-        t_all = step_time(args, recipe=name, converted={g.name for g in eligible}, **kw) if low else base
+        t_all = step_time(args, recipe=name, converted={g.name for g in can}, **kw) if low else base
         mem = memory_gb(args, tokens=tokens, recipe=name, converted=worth, num_gpus=num_gpus)
         total_mem = sum(mem.values())
         step_s = t.total_s * grad_accum  # one optimizer step
@@ -141,7 +149,7 @@ def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: 
             recipe=name, supported=True, speedup=round(base.total_s / t.total_s, 3),
             speedup_all=round(base.total_s / t_all.total_s, 3), step_ms=round(step_s * 1e3, 2),
             tokens_per_s=round(tokens * grad_accum / step_s),
-            mfu=round(fpt * tokens / t.total_s / (spec.bf16_dense_tflops * 1e12), 3),
+            mfu=round(fpt * tokens / t.total_s / (rates.mfu_peak(recipe) * 1e12), 3),
             memory_gb=round(total_mem, 2), fits=total_mem <= spec.mem_gb, converted=sorted(worth, key=_order),
             layer_speedups=layer, breakdown_ms={k: round(v * 1e3, 3) for k, v in t.parts.items()},
             memory_breakdown_gb={k: round(v, 2) for k, v in mem.items()}, notes=notes))

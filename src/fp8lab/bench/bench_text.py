@@ -3,8 +3,8 @@ the headline, from the result dict of step_bench.run_bench."""
 
 from __future__ import annotations
 
+from fp8lab.ui import fmt as _f
 
-from fp8lab.train.console import fmt as _f
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The per-recipe table as (header, rows) of text, for the console and for markdown."""
@@ -19,7 +19,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         note = "EMULATED (see note)" if r["emulated"] else ""
         if r["skipped_steps"]:
             note = f"{r['skipped_steps']} non-finite steps skipped the optimizer; " + note
-        out.append([r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}", _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
+        out.append([r.get("label") or r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}", _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
                     f"{r['step_time_s'] * 1e3:,.1f}", f"{r['tflops']:.3g}", _f(r["mfu"], ".1%"),
                     f"{r['mem_peak_gb']:.2f}", str(r["converted"]), f"{r['startup_s']:.1f}", note])
     return head, out
@@ -34,6 +34,14 @@ def layer_table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
                     _f(r["ratio"], ".2f", "x") if "error" not in r else "failed: " + r["error"],
                     f"{r['converted']}/{r['count']}"])
     return head, out
+
+
+def mfu_basis(result: dict) -> str:
+    """What MFU divides by in this result, in words."""
+    peaks = {r.get("label") or r["recipe"]: r["mfu_peak_tflops"] for r in result["recipes"] if r.get("mfu_peak_tflops")}
+    said = ", ".join(f"{name} {peak:g}" for name, peak in peaks.items())
+    return ("MFU against the dense peak of each recipe's fastest math (bf16 for bf16, FP8 for FP8 recipes)"
+            + (f": {said} TFLOP/s" if said else " (unknown here: -)"))
 
 
 def headline(result: dict) -> str:
@@ -55,8 +63,7 @@ def to_markdown(result: dict) -> str:
     v = result["versions"]
     lines = [f"# {headline(result)}", "",
              f"torch {v['torch']}, torchao {v['torchao']}, CUDA {v['cuda']}, Python {v['python']}; "
-             f"memory: {result['memory']}; MFU against the dense BF16 peak "
-             f"({_f(result['peak_bf16_tflops'], 'g', ' TFLOP/s')})", "", *md(*table_rows(result))]
+             f"memory: {result['memory']}; {mfu_basis(result)}", "", *md(*table_rows(result))]
     if result["layers"] is not None:
         lines += ["", f"Per linear shape: {result['layers']['what']}.", "", *md(*layer_table_rows(result))]
     lines += [""] + [f"- {n}" for n in result["notes"]]

@@ -2,9 +2,9 @@
 
 Versions against the tested stack (constraints.txt), the device and its place in the GPU
 table, and probes that execute: a bf16 linear forward + backward, for every FP8 recipe a tiny
-scaled matmul of its kind and a converted linear (fp8lab's own gate first; on CPU the emulated
+scaled matmul of its kind and a converted linear (fp8lab's own support check first; on CPU the emulated
 path), torch.compile on a tiny function, NCCL all-reduce when several GPUs are present, and on
-a GPU its BF16 / FP8 matmul rates (bench.measure, cached for `fp8lab advise`).
+a GPU its BF16 / FP8 matmul rates (perf.measure, cached for `fp8lab advise`).
 
 Every function that reads the device is a module-level function (device_info, probe_*,
 driver_version, measure_rates), so a test on a machine without a GPU can stand in for them.
@@ -12,14 +12,15 @@ driver_version, measure_rates), so a test on a machine without a GPU can stand i
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import platform
 import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fp8lab.env import cpu_has_native_bf16, package_version
+from fp8lab.procs import Child, run_child
 
 PASS, WARN, FAIL, INFO = "pass", "warn", "fail", "info"
 
@@ -94,25 +95,18 @@ def read_pins(path: Path | None = None) -> dict[str, str]:
     return pins
 
 
-def _installed(name: str) -> str | None:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-
-
 def triton_version() -> str | None:
-    return _installed("triton") or _installed("pytorch-triton") or _installed("pytorch-triton-rocm")
+    return package_version("triton") or package_version("pytorch-triton") or package_version("pytorch-triton-rocm")
 
 
 def driver_version() -> str | None:
     """The NVIDIA driver version from nvidia-smi, None where it cannot be read."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
+        out = run_child(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], timeout_s=20,
+                        separate_stderr=True)
+    except OSError:  # no nvidia-smi
         return None
-    lines = out.stdout.strip().splitlines()
+    lines = out.output.strip().splitlines()
     return lines[0].strip() if out.returncode == 0 and lines else None
 
 
@@ -168,7 +162,7 @@ def probe_scaled_mm(kind: str, info: DeviceInfo) -> str | None:
     """A tiny torch._scaled_mm of `kind` (tensorwise, rowwise, mxfp8) on the GPU, random data."""
     import torch
 
-    from fp8lab.bench.measure import fp8_dtype
+    from fp8lab.perf.measure import fp8_dtype
 
     device = _device(info)
     M, K, N = 128, 256, 128
@@ -197,14 +191,14 @@ def probe_scaled_mm(kind: str, info: DeviceInfo) -> str | None:
 
 
 def probe_converted(recipe: str, info: DeviceInfo) -> str | None:
-    """A converted linear forward + backward: the real kernels on a GPU (capability._probe),
+    """A converted linear forward + backward: the real kernels on a GPU (precision.probe),
     TorchAO's emulation on CPU (in fp32, as fp8lab trains FP8 on CPU)."""
     import torch
 
     if info.kind == "cuda":
-        from fp8lab.precision.capability import _probe
+        from fp8lab.precision.probe import probe_recipe
 
-        return _probe(recipe, 0)
+        return probe_recipe(recipe, 0)
     from fp8lab.precision.convert import convert
 
     try:
@@ -255,33 +249,31 @@ def probe_collective(world: int, *, backend: str = "nccl", timeout: float = 120)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-c", _NCCL_SCRIPT, backend], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    ranks = [Child([sys.executable, "-c", _NCCL_SCRIPT, backend], separate_stderr=True,
+                   env=os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                                     "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+             for rank in range(world)]
     errors = []
-    for rank, p in enumerate(procs):
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            errors.append(f"rank {rank} timed out after {timeout:.0f} s")
-            continue
-        if "ALLREDUCE_OK" not in out:
-            last = (err.strip().splitlines() or out.strip().splitlines() or ["no output"])[-1]
-            errors.append(f"rank {rank} (exit {p.returncode}): {last[:300]}")
+    try:
+        for rank, child in enumerate(ranks):
+            rc, out, err = child.communicate(timeout)
+            if rc is None:
+                errors.append(f"rank {rank} timed out after {timeout:.0f} s")
+            elif "ALLREDUCE_OK" not in out:
+                last = (err.strip().splitlines() or out.strip().splitlines() or ["no output"])[-1]
+                errors.append(f"rank {rank} (exit {rc}): {last[:300]}")
+    finally:
+        for child in ranks:  # a rank left waiting for a peer that died
+            if child.proc.poll() is None:
+                child.kill()
     return "; ".join(errors) or None
 
 
 def measure_rates(info: DeviceInfo, *, remeasure: bool = False) -> tuple[dict, bool]:
     """(measurement, from_cache): this GPU's rates from the cache, else measured and cached."""
-    from fp8lab.bench.measure import _read, _torch_version, RATES_FILE, measure_gpu_rates, rates_key, \
-        save_measured_rates
+    from fp8lab.perf.measure import cached_rates, measure_gpu_rates, save_measured_rates
 
-    cached = _read(RATES_FILE).get(rates_key(info.name, _torch_version()))
+    cached = cached_rates(info.name)
     if cached and not remeasure:
         return cached, True
     entry = measure_gpu_rates(_device(info))
@@ -295,20 +287,18 @@ def measure_rates(info: DeviceInfo, *, remeasure: bool = False) -> tuple[dict, b
 def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
     import torch
 
-    from fp8lab.bench.gpus import lookup_gpu
-    from fp8lab.errors import FP8LabError
-    from fp8lab.precision.capability import _rocm_fp8, check_cuda_capability
-    from fp8lab.precision.convert import _import_torchao
+    from fp8lab.gpus import lookup_gpu
     from fp8lab.precision.recipes import RECIPES
+    from fp8lab.precision.swap import import_torchao
 
     pins = read_pins()
     info = device_info()
     gpu = info.kind == "cuda"
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "torchao": _installed("torchao"),
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "torchao": package_version("torchao"),
                 "cuda": torch.version.cuda, "hip": torch.version.hip, "triton": triton_version(),
                 "driver": driver_version() if gpu and not info.hip else None}
     checks = [Check("python", INFO, versions["python"]),
-              _version_check("torch", _installed("torch") or torch.__version__, pins.get("torch"),
+              _version_check("torch", package_version("torch") or torch.__version__, pins.get("torch"),
                              needed_for="everything"),
               _version_check("torchao", versions["torchao"], pins.get("torchao"), needed_for="FP8 recipes")]
     if not pins:
@@ -341,7 +331,7 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
         checks.append(Check("GPU table", PASS if spec else WARN,
                             f"{spec.name}: BF16 {spec.bf16_dense_tflops:g} TFLOP/s dense (MFU's denominator)" if spec
                             else f"{info.name} is not in fp8lab's table: MFU is reported as null",
-                            "" if spec else "pass --gpu NAME to `fp8lab advise`; add the card to bench/gpus.py"))
+                            "" if spec else "pass --gpu NAME to `fp8lab advise`; add the card to src/fp8lab/gpus.py"))
     else:
         checks.append(Check("device", INFO, f"no CUDA GPU: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} "
                                             "torch threads); training runs, throughput is not a GPU's"))
@@ -350,10 +340,18 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
     err = probe_bf16(info)
     bf16_runs = err is None
     where = "GPU" if gpu else "CPU"
-    checks.append(Check("recipe bf16 (default)", PASS if bf16_runs else FAIL,
-                        f"bf16 autocast linear forward + backward runs on {where}" if bf16_runs else err,
-                        "" if bf16_runs else ("--precision.compute_dtype=fp32 (no bf16 on this device)" if gpu
-                                              else "reinstall torch")))
+    if bf16_runs and not gpu and not cpu_has_native_bf16():
+        # It runs, but emulated: training's compute_dtype=auto computes the bf16 recipe in fp32 here.
+        checks.append(Check("recipe bf16 (default)", WARN,
+                            f"bf16 emulated, slow: fp32 used ({platform.machine()} CPU without AVX-512 BF16 or AMX; "
+                            "bf16 autocast runs about 25x slower than fp32 here)",
+                            "nothing to do: compute_dtype=auto trains in fp32 here; a GPU (or a CPU with AVX-512 "
+                            "BF16/AMX) runs bf16 natively"))
+    else:
+        checks.append(Check("recipe bf16 (default)", PASS if bf16_runs else FAIL,
+                            f"bf16 autocast linear forward + backward runs on {where}" if bf16_runs else err,
+                            "" if bf16_runs else ("--precision.compute_dtype=fp32 (no bf16 on this device)" if gpu
+                                                  else "reinstall torch")))
     report = Report(checks=checks, device=info, versions=versions, bf16_runs=bf16_runs)
     if bf16_runs:
         report.runs_natively.append("bf16")
@@ -362,7 +360,7 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
     torchao_ok = versions["torchao"] is not None
     if torchao_ok:
         try:
-            _import_torchao()
+            import_torchao()
         except Exception as e:  # noqa: BLE001
             torchao_ok = False
             checks.append(Check("torchao import", FAIL, _err(e), "pip install -c constraints.txt torchao"))
@@ -384,7 +382,7 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
                 report.unavailable[name] = err
                 checks.append(Check(label, WARN, f"emulated probe failed: {err}", "use bf16 on CPU"))
             continue
-        why = _gate(recipe, info, check_cuda_capability, _rocm_fp8, FP8LabError)
+        why = native_here(recipe, info)
         if why:
             report.unavailable[name] = why
             checks.append(Check(label, WARN, f"unsupported: {why}", "use bf16 here; FP8 needs sm_89+ "
@@ -441,17 +439,13 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
     return report
 
 
-def _gate(recipe, info: DeviceInfo, check_cuda_capability, rocm_fp8, error_type) -> str | None:
-    """fp8lab's own hardware gate (precision.capability) for `recipe` on this GPU."""
-    if info.hip:
-        import torch
+def native_here(recipe, info: DeviceInfo) -> str | None:
+    """None when this GPU runs `recipe` natively, else why not: fp8lab's own answer
+    (precision.support.native_support), with this module's probes standing in for the kernel."""
+    import torch
 
-        if recipe.kind == "float8" and rocm_fp8(torch.device("cuda", 0)):
-            return None
-        return f"{recipe.name} is not supported on {info.name} (ROCm)"
-    try:
-        check_cuda_capability(recipe, name=info.name, cc=info.capability,
-                              probe=lambda: probe_converted(recipe.name, info))
-        return None
-    except error_type as e:
-        return str(e).split("; use --precision")[0]
+    from fp8lab.precision.support import native_support, rocm_has_fp8
+
+    return native_support(recipe, name=info.name, cc=info.capability,
+                          rocm_fp8=rocm_has_fp8(torch.device("cuda", 0)) if info.hip else None,
+                          probe=lambda: probe_converted(recipe.name, info))

@@ -22,9 +22,7 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fp8lab.env import device_name
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
-from fp8lab.procs import failure_reason
+from fp8lab.procs import failure_reason, run_child
 
 FORMAT = 1
 BASELINE = "bf16"
@@ -92,8 +91,8 @@ def random_dataset(*, vocab: int, seq_len: int, count: int) -> Path:
     say), written once into the cache and reused, keyed by vocabulary, length and count."""
     import numpy as np
 
-    from fp8lab.bench.measure import cache_dir
     from fp8lab.data import DatasetExistsError, write_dataset
+    from fp8lab.env import cache_dir
 
     path = cache_dir() / "bench-data" / f"random-v{vocab}-s{seq_len}-n{count}"
     if (path / "manifest.json").exists():
@@ -143,15 +142,16 @@ def linear_shapes(model, converted: set[str]) -> list[dict]:
 def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, emulated: bool, dtype,
                 bf16_dtype) -> list[dict]:
     """Each shape's forward + backward in bf16 and under `recipe`, in this process, one after
-    the other (bench.measure.time_linear). A shape that fails is a row with its error."""
-    from fp8lab.bench.measure import store_layer_times, time_linear
+    the other (perf.measure.time_linear). A shape that fails is a row with its error."""
+    from fp8lab.perf.measure import store_layer_times, time_linear
+    from fp8lab.precision.convert import eligible
 
     rows = []
     for s in shapes:
         row = {**s, "m": m, "recipe": recipe.name, "bf16_ms": None, "recipe_ms": None, "ratio": None}
-        if s["k"] % recipe.dim_multiple or s["n"] % recipe.dim_multiple:
-            why = f"dims not multiples of {recipe.dim_multiple}: {recipe.name} cannot convert it"
-            rows.append(row | {"error": why})
+        why = eligible(s["names"][0], s["k"], s["n"], recipe, skip_modules=())
+        if why:
+            rows.append(row | {"error": f"{why}: {recipe.name} cannot convert it"})
             continue
         try:
             b = time_linear(m, s["k"], s["n"], "bf16", device, compiled=compiled, dtype=bf16_dtype,
@@ -160,9 +160,7 @@ def time_layers(shapes: list[dict], *, recipe, m: int, device, compiled: bool, e
                             warmup=LAYER_WARMUP, iters=LAYER_ITERS)
             row.update(bf16_ms=b * 1e3, recipe_ms=r * 1e3, ratio=b / r)
             if device.type == "cuda" and not emulated:  # real kernels: what filter_mode=auto wants
-                import torch
-
-                store_layer_times(torch.cuda.get_device_name(device), recipe.name, m, s["k"], s["n"], compiled,
+                store_layer_times(device_name(device), recipe.name, m, s["k"], s["n"], compiled,
                                   bf16_s=b, recipe_s=r, source="fp8lab bench --layers")
         except Exception as e:  # noqa: BLE001 - one shape failing is a finding; time the others
             row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
@@ -177,28 +175,29 @@ def measure(spec: dict) -> dict:
 
     import torch
 
-    from fp8lab.bench.gpus import bf16_peak_tflops
     from fp8lab.config import load_config
+    from fp8lab.env import peak_memory_gb
+    from fp8lab.gpus import mfu_peak_tflops
     from fp8lab.precision import get_recipe
-    from fp8lab.precision.capability import device_name
-    from fp8lab.train.build import build, resolve_compute_dtype
-    from fp8lab.train.step import finite_or_none, peak_memory_gb, train_step
+    from fp8lab.precision.support import resolve_compute_dtype
+    from fp8lab.train.build import build
+    from fp8lab.train.step import finite_or_none, train_step
 
     cfg = load_config(spec["config"], spec["overrides"])
     # A fresh process: CUDA's peak-allocated counter and ru_maxrss both start here, so the
     # peak is this recipe's alone (build, warm-up and timed steps; not the layer timings).
     t0 = time.perf_counter()
-    b = build(cfg)
-    batches = [b.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-    b.loader.close()
-    cuda = b.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(b.device)) if cuda else (lambda: None)
+    parts = build(cfg)
+    batches = [parts.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+    parts.loader.close()
+    cuda = parts.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(parts.device)) if cuda else (lambda: None)
     sync()
     build_s = time.perf_counter() - t0
     step = 0
     for _ in range(spec["warmup"]):
         step += 1
-        train_step(b, cfg, step, batches)
+        train_step(parts, cfg, step, batches)
     sync()
     startup_s = time.perf_counter() - t0
     times, losses, skipped = [], [], 0
@@ -209,43 +208,45 @@ def measure(spec: dict) -> dict:
             # it: the end event waits for everything the step queued.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            r = train_step(b, cfg, step, batches)
+            r = train_step(parts, cfg, step, batches)
             end.record()
             end.synchronize()
             dt = start.elapsed_time(end) / 1e3
         else:
             t = time.perf_counter()
-            r = train_step(b, cfg, step, batches)
+            r = train_step(parts, cfg, step, batches)
             dt = time.perf_counter() - t
         times.append(dt)
         losses.append(r.loss)
         skipped += not r.stepped
-    mem = peak_memory_gb(b.device)
+    mem = peak_memory_gb(parts.device)
 
-    name = device_name(b.device)
+    name = device_name(parts.device)
     tokens_per_step = cfg.tokens_per_step
     stats = summarise(times, tokens_per_step)
-    tflops = b.flops_per_token * stats["tokens_per_s"] / 1e12
-    peak = bf16_peak_tflops(name) if cuda else None
+    tflops = parts.flops_per_token * stats["tokens_per_s"] / 1e12
+    peak = mfu_peak_tflops(name, get_recipe(cfg.precision.recipe).math) if cuda else None
     row = {
-        "recipe": cfg.precision.recipe, "status": "ok", "reason": None, "emulated": b.report.emulated,
-        "compute_dtype": str(b.compute_dtype).removeprefix("torch."), "compiled": b.compiled,
-        "converted": b.report.num_converted, "params": sum(p.numel() for p in b.model.parameters()),
-        "flops_per_token": b.flops_per_token, "tokens_per_step": tokens_per_step, "device": name,
+        "recipe": cfg.precision.recipe, "label": parts.label, "status": "ok", "reason": None,
+        "emulated": parts.report.emulated,
+        "compute_dtype": str(parts.compute_dtype).removeprefix("torch."), "compiled": parts.compiled,
+        "converted": parts.report.num_converted, "params": sum(p.numel() for p in parts.model.parameters()),
+        "flops_per_token": parts.flops_per_token, "tokens_per_step": tokens_per_step, "device": name,
         "build_s": build_s, "startup_s": startup_s, "warmup_steps": spec["warmup"], "steps": len(times),
         "step_times_s": times, **stats, "tflops": tflops, "mfu": tflops / peak if peak else None,
-        "peak_bf16_tflops": peak, "mem_peak_gb": mem, "skipped_steps": skipped,
-        "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(b.notes),
+        "mfu_peak_tflops": peak, "mem_peak_gb": mem, "skipped_steps": skipped,
+        "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(parts.notes),
     }
-    if spec.get("layers") and b.report.recipe != BASELINE:
-        shapes = linear_shapes(b.model, {c["name"] for c in b.report.converted})
-        recipe, device, compiled, dtype = get_recipe(b.report.recipe), b.device, b.compiled, b.compute_dtype
-        emulated = b.report.emulated
-        del b, batches  # the step's memory is measured; the layers get the device to themselves
+    if spec.get("layers") and parts.report.recipe != BASELINE:
+        shapes = linear_shapes(parts.model, {c["name"] for c in parts.report.converted})
+        recipe, device, compiled = get_recipe(parts.report.recipe), parts.device, parts.compiled
+        dtype = parts.compute_dtype
+        emulated = parts.report.emulated
+        del parts, batches  # the step's memory is measured; the layers get the device to themselves
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        bf16_dtype = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=False, device=device)
+        bf16_dtype, _ = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=False, device=device)
         row["layers"] = time_layers(shapes, recipe=recipe, m=cfg.data.micro_batch_size * cfg.data.seq_len,
                                     device=device, compiled=compiled, emulated=emulated, dtype=dtype,
                                     bf16_dtype=bf16_dtype)
@@ -266,7 +267,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# -- the parent: gate, launch, collect ----------------------------------------------------------
+# -- the parent: check, launch, collect ----------------------------------------------------------
 
 
 def _worker_env() -> dict[str, str]:
@@ -282,35 +283,21 @@ def launch(spec: dict, workdir: Path, *, timeout_s: float | None) -> dict:
     name = spec["overrides"]["precision.recipe"]
     result, log = workdir / f"{name}.json", workdir / f"{name}.log"
     cmd = [sys.executable, "-m", "fp8lab.bench.step_bench", "--worker", json.dumps(spec), "--result", str(result)]
-    t0 = time.perf_counter()
-    with open(log, "wb") as out:
-        # Its own session, so a timeout or Ctrl-C here takes down its compile workers too.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_worker_env(), start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    wall = time.perf_counter() - t0
-    text = log.read_text(errors="replace")
-    if rc == 0 and result.exists():
-        return json.loads(result.read_text()) | {"wall_s": wall}
-    return {"recipe": name, "status": "failed", "reason": failure_reason(rc, text, timeout_s), "wall_s": wall,
-            "log_tail": text.splitlines()[-30:]}
+    child = run_child(cmd, env=_worker_env(), log=log, timeout_s=timeout_s)  # a Ctrl-C here ends it at once
+    if child.returncode == 0 and result.exists():
+        return json.loads(result.read_text()) | {"wall_s": child.wall_s}
+    return {"recipe": name, "status": "failed", "reason": failure_reason(child.returncode, child.output, timeout_s),
+            "wall_s": child.wall_s, "log_tail": child.output.splitlines()[-30:]}
 
 
 def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s: None) -> dict:
     """The whole benchmark: the result dict (see README, "fp8lab bench")."""
     check_options(opts)
-    from fp8lab.bench.measure import stack_versions
     from fp8lab.config import load_config
+    from fp8lab.env import stack_versions
     from fp8lab.models.presets import PRESETS
     from fp8lab.precision import get_recipe
-    from fp8lab.precision.gate import check_recipes_here
+    from fp8lab.precision.support import check_recipes_here
     from fp8lab.train.build import model_args_for, open_data
 
     overrides = dict(opts.overrides)
@@ -324,23 +311,23 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
         cfg = load_config(opts.config, overrides)
         notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
                      f"of vocabulary {vocab} ({path})")
-    # The trainer's own gate (in a child process where there is CUDA: this process must not
-    # hold a CUDA context while the workers measure): what it would refuse is unsupported.
-    gate = check_recipes_here(opts.recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
+    # The trainer's own support check (in a child process where there is CUDA: this process must
+    # not hold a CUDA context while the workers measure): what it would refuse is unsupported.
+    here = check_recipes_here(opts.recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
                               compute_dtype=cfg.precision.compute_dtype)
     # Data and model errors surface here, once, before any worker starts (and the embedded
     # corpus is built once, not raced by the workers).
     args = model_args_for(cfg, open_data(cfg).vocab_size)
-    name, cuda = gate["device"], gate["cuda"]
+    name, cuda = here["device"], here["cuda"]
     tokens_per_step = cfg.tokens_per_step
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fp8lab-bench-") as tmp:
         for rname in opts.recipes:
             recipe = get_recipe(rname)
-            if rname in gate["unsupported"]:
-                rows.append({"recipe": rname, "status": "unsupported", "reason": gate["unsupported"][rname]})
-                progress(f"{rname}: unsupported: {gate['unsupported'][rname]}")
+            if rname in here["unsupported"]:
+                rows.append({"recipe": rname, "status": "unsupported", "reason": here["unsupported"][rname]})
+                progress(f"{rname}: unsupported: {here['unsupported'][rname]}")
                 continue
             progress(f"{rname}: build + {opts.warmup} warm-up + {opts.steps} timed steps"
                      + (" + layer timings" if opts.layers and recipe.is_low_precision else "") + " ...")
@@ -382,7 +369,7 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
                     "compile caches outlive the process, so a repeated run starts faster"),
         "memory": ("torch.cuda.max_memory_allocated of the recipe's process" if cuda
                    else "peak resident set (ru_maxrss) of the recipe's process, Python and torch included"),
-        "peak_bf16_tflops": next((r["peak_bf16_tflops"] for r in ok), None), "baseline": BASELINE,
+        "baseline": BASELINE,
         "recipes": rows,
         "layers": None if not opts.layers else {
             "what": (f"one nn.Linear (in k -> out n, fp32 master weight) forward + backward on m = "

@@ -45,7 +45,7 @@ def _model(spec: str, seq_len: int | None):
 
 
 def _gpu(name: str) -> str:
-    from fp8lab.bench.gpus import GPUS, get_gpu, lookup_gpu
+    from fp8lab.gpus import GPUS, get_gpu, lookup_gpu
 
     if name != "auto":
         spec = get_gpu(name)
@@ -64,7 +64,7 @@ def _gpu(name: str) -> str:
 
 def run(args, rest) -> int:
     from fp8lab.bench.advise import advise
-    from fp8lab.bench.measure import load_measured_rates
+    from fp8lab.perf.measure import load_measured_rates
 
     cfg, margs, seq_len = _model(args.model, args.seq_len)
     tokens = args.batch_tokens or cfg.data.micro_batch_size * seq_len
@@ -87,7 +87,7 @@ def run(args, rest) -> int:
 def render(a, *, model_name: str) -> None:
     from rich.table import Table
 
-    from fp8lab.train.console import console
+    from fp8lab.ui import console
 
     r = a.rates
     console.print(f"[bold]fp8lab advise[/]: {model_name} ({a.model['params'] / 1e9:.2f}B params) on {a.gpu['name']} "
@@ -130,7 +130,7 @@ def render(a, *, model_name: str) -> None:
 
 
 def _margin() -> float:
-    from fp8lab.precision.layer_filter import WIN_MARGIN
+    from fp8lab.perf.layer_policy import WIN_MARGIN
 
     return WIN_MARGIN
 
@@ -138,8 +138,8 @@ def _margin() -> float:
 def _groups(a) -> list[dict]:
     from dataclasses import asdict
 
-    from fp8lab.bench.roofline import model_linears
     from fp8lab.models.llama import ModelArgs
+    from fp8lab.perf.roofline import model_linears
 
     keys = {f for f in ModelArgs.__dataclass_fields__}
     return [asdict(g) for g in model_linears(ModelArgs(**{k: v for k, v in a.model.items() if k in keys}))]

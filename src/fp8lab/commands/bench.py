@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from fp8lab.bench.step_bench import BenchOptions, exit_code, parse_recipes, run_bench
     from fp8lab.config import parse_overrides
     from fp8lab.fsutil import atomic_write
-    from fp8lab.train.console import console
+    from fp8lab.ui import console
 
     opts = BenchOptions(config=args.config, overrides=parse_overrides(rest), recipes=parse_recipes(args.recipes),
                         warmup=args.warmup, steps=args.steps, layers=args.layers, random_data=args.random_data,
@@ -69,8 +69,8 @@ def render(result: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from fp8lab.bench.bench_text import headline, layer_table_rows, table_rows
-    from fp8lab.train.console import console
+    from fp8lab.bench.bench_text import headline, layer_table_rows, mfu_basis, table_rows
+    from fp8lab.ui import console
 
     console.print(f"[bold]{headline(result)}[/]")
     head, rows = table_rows(result)
@@ -90,9 +90,7 @@ def render(result: dict) -> None:
             lt.add_row(*map(escape, row))
         console.print(lt if rows else "per linear shape: no FP8 recipe ran, nothing to compare")
         console.print(f"[dim]{result['layers']['what']}[/]")
-    mfu = result["peak_bf16_tflops"]
-    console.print(f"memory: {result['memory']}; MFU against the dense BF16 peak"
-                  + (f" ({mfu:g} TFLOP/s)" if mfu else " (unknown here: -)"))
+    console.print(f"memory: {result['memory']}; {mfu_basis(result)}")
     for note in result["notes"]:
         loud, note = "NOT representative" in note, escape(note)  # free text, not markup
         console.print(f"[bold yellow]note:[/] [bold]{note}[/]" if loud else f"[yellow]note:[/] {note}")

@@ -55,7 +55,7 @@ def run(args, rest) -> int:
     if cfg.parallel.data_parallel != "none":
         raise FP8LabError(f"parallel.data_parallel={cfg.parallel.data_parallel}: compare trains one process per run; "
                           "compare on one GPU, then scale the winner out with torchrun")
-    from fp8lab.train.console import console, setup_logging
+    from fp8lab.ui import console, setup_logging
 
     setup_logging()
     if args.tokens is not None:

@@ -43,7 +43,7 @@ def run(args, rest) -> int:
 def render(report) -> None:
     from rich.table import Table
 
-    from fp8lab.train.console import console
+    from fp8lab.ui import console
 
     t = Table(title="fp8lab doctor")
     t.add_column("check", no_wrap=True)

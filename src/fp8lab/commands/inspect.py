@@ -29,8 +29,8 @@ def run(args, rest) -> int:
     from rich.table import Table
 
     from fp8lab.precision.telemetry import riskiest
-    from fp8lab.train.console import console
     from fp8lab.train.logs import read_jsonl
+    from fp8lab.ui import console
 
     run_dir = Path(args.run)
     if not (run_dir / "config.toml").is_file():

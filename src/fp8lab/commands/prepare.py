@@ -1,20 +1,42 @@
-"""fp8lab prepare --input PATH_OR_GLOB ... --out DIR: text / JSONL / Parquet / NumPy -> verified token shards."""
+"""fp8lab prepare --input PATH_OR_GLOB ... --out DIR: text / JSON / Parquet / NumPy -> verified token shards.
+
+Exit codes: 0 done; 2 bad input, output in use (DIR.lock held by another run) or not
+writable; 130 Ctrl-C; 143 SIGTERM (128 + 15, as if the signal's default action had run). On
+2, 130 and 143 the temporary output DIR.tmp-PID is removed and nothing is written at DIR.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 ORDER = 5  # position in `fp8lab --help`: data comes before training
+
+EPILOG = """\
+which files: a directory gives its files of the kinds above, or with --ext exactly the files
+with those extensions; a path or glob must be of a kind above or have an --ext extension, so
+-i 'src/**/*.py' needs --ext .py. --ext files are plain text, one document per file (empty
+ones are skipped and listed); .txt, .jsonl, .json, .parquet and .npy keep their readers.
+
+safety: DIR is built as DIR.tmp-PID and renamed when complete; DIR.lock keeps a second run on
+the same DIR out (it names the PID holding it). Ctrl-C or SIGTERM removes DIR.tmp-PID; after
+kill -9, the next run on DIR removes it (and says so).
+
+exit codes: 0 done; 2 bad input, DIR in use or not writable; 130 Ctrl-C; 143 SIGTERM."""
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenize and pack a corpus into a data directory for `fp8lab train --data.path=DIR`",
-        description="Read .txt (one document per file), .jsonl / .jsonl.gz (one per line), .parquet (one per row) "
-        "or pre-tokenized .npy (1-D stream, or 2-D (N, L) rows kept as they are); tokenize, split train/val by "
-        "document, pack into windows of seq_len + 1 and write shards + manifest.json to DIR.",
+        description=textwrap.fill(
+            "Read .txt (one document per file), .jsonl / .jsonl.gz (one per line), .json (an array of objects or "
+            "strings, one per item), .parquet (one per row), any text file with --ext (one per file) or "
+            "pre-tokenized .npy (1-D stream, or 2-D (N, L) rows kept as they are); tokenize, split train/val by "
+            "document, pack into windows of seq_len + 1 and write shards + manifest.json to DIR.", 92),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the epilog's paragraphs
     )
     p.add_argument("--input", "-i", action="extend", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help="files, directories or globs (quote them; ** is recursive); repeatable")
@@ -27,6 +49,9 @@ def register(sub) -> None:
                    help="vocabulary of --train-tokenizer, or of the ids in .npy inputs")
     p.add_argument("--eos-token", metavar="TOKEN", help="the tokenizer's end-of-document token (default: detected)")
     p.add_argument("--eos-id", type=int, metavar="N", help="the id ending each document in a 1-D .npy stream")
+    p.add_argument("--ext", metavar=".EXT,...",
+                   help="read files with these extensions (comma-separated, e.g. .py,.md) as plain text, one "
+                        "document per file; a directory then gives exactly those files")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
     p.add_argument("--seq-len", type=int, metavar="N",
@@ -39,6 +64,8 @@ def register(sub) -> None:
                    help="bytes that are not UTF-8: replace with U+FFFD and count them (default), or stop")
     p.add_argument("--shard-tokens", type=int, default=1_000_000_000, metavar="N",  # = prepare.DEFAULT_SHARD_TOKENS
                    help="tokens per shard file (default 1G: 2 GB of uint16; fewer shards, faster batches)")
+    p.add_argument("--max-line-bytes", type=int, metavar="N",
+                   help="longest JSON line read (default 64 MiB); a longer one is an error, not a memory blow-up")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar: auto = on a terminal only")
     p.set_defaults(fn=run)
@@ -46,6 +73,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -91,16 +119,26 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     bar = Bar() if show_bar else None
     if bar:
         bar.bar.start()
+    stopped = None
     try:
         report = prep.prepare_dataset(
             inputs=args.input, out=args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
             vocab_size=args.vocab_size, eos_token=args.eos_token, eos_id=args.eos_id, text_field=args.text_field,
             text_column=args.text_column, seq_len=args.seq_len, pack=args.pack, val_fraction=args.val_fraction,
-            encoding_errors=args.encoding_errors, shard_tokens=args.shard_tokens, progress=bar,
+            encoding_errors=args.encoding_errors, shard_tokens=args.shard_tokens, progress=bar, ext=args.ext,
+            max_line_bytes=args.max_line_bytes,
         )
+    except (prep.Terminated, KeyboardInterrupt) as e:
+        # Handled here, not by the CLI's generic Ctrl-C message (which speaks of checkpoints).
+        stopped = e
     finally:
         if bar:
             bar.bar.stop()
+    if stopped is not None:
+        how = "stopped by SIGTERM" if isinstance(stopped, prep.Terminated) else "interrupted"
+        print(f"fp8lab: prepare {how}; its temporary output was removed; run it again to prepare {args.out}",
+              file=sys.stderr)
+        return prep.SIGTERM_EXIT if isinstance(stopped, prep.Terminated) else 130
 
     s = report.stats
     t = Table(title=f"fp8lab prepare -> {report.path}")
@@ -120,7 +158,21 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     out.print(f"{report.input_bytes / 1e6 / max(report.seconds, 1e-9):,.1f} MB/s of input, "
               f"{tokens / max(report.seconds, 1e-9) / 1e6:,.2f}M tokens/s; seq_len {report.seq_len}, "
               f"vocab {report.vocab_size}")
-    for note in report.notes:
-        out.print(f"[yellow]note: {note}[/]")
+    for note in [*report.notes, *_eval_notes(s["val"]["sequences"])]:
+        out.print(f"[yellow]note: {escape(note)}[/]")
     out.print(f"train with: fp8lab train --data.path={report.path} --data.seq_len={report.seq_len}")
     return 0
+
+
+def _eval_notes(val_sequences: int) -> list[str]:
+    """A warning when the validation split holds fewer sequences than a default evaluation reads
+    (training would quietly evaluate on fewer batches, a noisier eval loss)."""
+    from fp8lab.config import JobConfig
+
+    d = JobConfig()
+    need = d.data.micro_batch_size * d.train.eval_batches
+    if val_sequences >= need:
+        return []
+    return [f"the val split holds {val_sequences} sequences, fewer than the {need} a default evaluation reads "
+            f"(data.micro_batch_size {d.data.micro_batch_size} x train.eval_batches {d.train.eval_batches}); raise "
+            "--val-fraction, or train with smaller data.micro_batch_size or train.eval_batches"]

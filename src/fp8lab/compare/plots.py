@@ -52,6 +52,13 @@ class Curve:
     eval_loss: np.ndarray
 
 
+def short_label(results: dict, recipe: str) -> str:
+    """What ran under `recipe`, short enough for a legend: "fp32" for a bf16 recipe that
+    computed in fp32 (the tables give the whole label)."""
+    label = results.get(recipe, {}).get("label") or recipe
+    return str(label).split(" (")[0]
+
+
 def colors(recipes: list[str]) -> dict[str, str]:
     spare = iter([c for c in SPARE_COLORS if c not in COLORS.values()])
     return {r: COLORS.get(r) or next(spare, "#7f7f7f") for r in recipes}
@@ -199,7 +206,7 @@ def _loss_plot(data, results, col, against_time: bool) -> bytes | None:
         steps = np.unique(np.concatenate([c.step for c in seeds.values()]))
         mean = smooth(_mean(steps, [(c.step, c.loss) for c in seeds.values()]))
         x = _mean(steps, [(c.step, c.wall) for c in seeds.values()]) if against_time else steps
-        ax.plot(x, mean, color=c0, lw=2.0, label=recipe, zorder=2.5)
+        ax.plot(x, mean, color=c0, lw=2.0, label=short_label(results, recipe), zorder=2.5)
     if not shown or not any(np.isfinite(a).any() for a in shown):
         return None
     lim, clipped = _limits(ref, shown, clip_low=False)
@@ -239,7 +246,8 @@ def _tokens_plot(recipes, results, col, emulated: bool) -> bytes | None:
         ratio = res.get("speedup_vs_bf16")
         ratio = f"{ratio:.2f}x" if isinstance(ratio, (int, float)) and math.isfinite(ratio) else "–"
         ax.text(i, v + top * 0.02, f"{v:,.0f}\n{ratio}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(recipes)), recipes, rotation=15 if len(recipes) > 4 else 0, fontsize=8)
+    ax.set_xticks(range(len(recipes)), [short_label(results, r) for r in recipes],
+                  rotation=15 if len(recipes) > 4 else 0, fontsize=8)
     ax.set_ylim(0, top * 1.25)
     ax.set_ylabel("tokens/s (median over seeds)")
     title = PLOTS["tokens_per_s"][0] + (" (ratio vs bf16)" if BASELINE in recipes else "")
@@ -274,7 +282,8 @@ def _gap_plot(data, results, col, band) -> tuple[bytes | None, str]:
             shown.append(gap)
         if pairs:
             steps = np.unique(np.concatenate([s for s, _ in pairs]))
-            ax.plot(steps, smooth(_mean(steps, pairs)), color=col[recipe], lw=2.0, label=f"{recipe} − bf16", zorder=2.5)
+            ax.plot(steps, smooth(_mean(steps, pairs)), color=col[recipe], lw=2.0, zorder=2.5,
+                    label=f"{recipe} − {short_label(results, BASELINE)}")
     if not shown or not any(np.isfinite(a).any() for a in shown):
         return None, "no seed has finite losses under both bf16 and an FP8 recipe at the same steps"
     ax.axhline(0.0, color="black", lw=0.8)

@@ -135,7 +135,7 @@ def _blocks(s: dict, plots, skipped: dict[str, str]) -> list:
         name = str(r.get("recipe", "?"))
         if name == BASELINE and r.get("status") in ("ok", None):
             continue
-        sentences += [("b", name), ": ", ("verdict", str(r.get("verdict") or DASH))]
+        sentences += [("b", str(r.get("label") or name)), ": ", ("verdict", str(r.get("verdict") or DASH))]
         detail = r.get("verdict_detail") or r.get("reason")
         sentences += [f" — {detail}" if detail else ""]
         if name != BASELINE and r.get("speedup_vs_bf16") is not None:
@@ -157,7 +157,7 @@ def _blocks(s: dict, plots, skipped: dict[str, str]) -> list:
         notes = [str(r["reason"])] if r.get("reason") else []
         notes += [_plural(len(events), "divergence event")] if events else []
         notes += ["emulated"] if r.get("emulated") else []
-        rows.append([str(r.get("recipe", "?")), [("verdict", str(r.get("verdict") or DASH))],
+        rows.append([str(r.get("label") or r.get("recipe", "?")), [("verdict", str(r.get("verdict") or DASH))],
                      tokens(r.get("tokens_per_s")), ratio(r.get("speedup_vs_bf16")), _fmt(r.get("mem_peak_gb"), ".2f"),
                      loss(r.get("final_train_loss")), loss(r.get("final_eval_loss")), gap(r.get("loss_gap")),
                      "; ".join(notes) or DASH])

@@ -107,10 +107,10 @@ def prepare_out(plan: Plan) -> Path:
     return config
 
 
-def _gate(recipes: list[str], cfg: JobConfig) -> dict[str, str]:
+def _unsupported(recipes: list[str], cfg: JobConfig) -> dict[str, str]:
     """{recipe: why this machine cannot run it}, decided the way training decides (in a child
     process where there is CUDA, so this one holds no GPU memory while the runs train)."""
-    from fp8lab.precision.gate import check_recipes_here
+    from fp8lab.precision.support import check_recipes_here
 
     return check_recipes_here(recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
                               compute_dtype=cfg.precision.compute_dtype)["unsupported"]
@@ -174,7 +174,7 @@ def run_compare(plan: Plan, *, echo=print) -> dict:
     from fp8lab.compare.report import write_report
 
     config = prepare_out(plan)
-    unsupported = _gate(plan.recipes, plan.cfg)
+    unsupported = _unsupported(plan.recipes, plan.cfg)
     extra = [] if plan.allow_fallback else ["--guard.max_rollbacks=0"]  # an alarm ends the run: diverged
     results: dict[str, list] = {r: [] for r in plan.recipes}
     for spec in plan.specs():
@@ -224,7 +224,9 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
                     f"recipe's from step {row['recipe_history'][0]['rolled_back_to']})"
                     for row in rows[recipe] if row["final_recipe"] not in (None, recipe) and row["recipe_history"]]
         table.append({
-            "recipe": recipe, "status": status,
+            "recipe": recipe, "label": next((row["label"] for row in rows[recipe] if row["label"]), recipe),
+            "compute_dtype": next((row["compute_dtype"] for row in rows[recipe] if row["compute_dtype"]), None),
+            "status": status,
             "reason": unsupported.get(recipe) or ("; ".join(reasons) if reasons else None),
             "verdict": v.verdict, "verdict_detail": v.detail,
             "tokens_per_s": tps, "speedup_vs_bf16": tps / bf16_tps if tps and bf16_tps else None,

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,9 @@ from rich.markup import escape
 
 from fp8lab.compare.verdict import Outcome
 from fp8lab.errors import FP8LabError
-from fp8lab.procs import INTERRUPTS, failure_reason
+from fp8lab.procs import INTERRUPTS, failure_reason, run_child
 from fp8lab.train.logs import read_jsonl
+from fp8lab.train.preempt import PREEMPTED_EXIT
 
 
 @dataclass(frozen=True)
@@ -49,31 +48,32 @@ def launch(spec: RunSpec, *, config: Path, extra: list[str], log: Path, echo) ->
 
     status: completed | stopped-by-guard | failed (a crash, an out-of-memory, a signal such as
     the kernel's OOM killer: the row says which, and a rerun retries it from its newest
-    checkpoint). A child stopped by the user (Ctrl-C, SIGTERM, SIGHUP) stops the comparison
-    with an FP8LabError saying how to resume it."""
+    checkpoint). A child stopped by the user (Ctrl-C, SIGTERM, SIGHUP, here or to the child)
+    stops the comparison with an FP8LabError saying how to resume it; Ctrl-C here is passed on
+    to the child, which stops at its own pace (a second Ctrl-C kills it)."""
     cmd = [sys.executable, "-m", "fp8lab", "train", "-c", str(config), "--run-dir", str(spec.run_dir),
            f"--precision.recipe={spec.recipe}", f"--train.seed={spec.train_seed}",
            f"--data.seed={spec.data_seed}", "--logging.fingerprint=true", "--logging.progress=off", *extra]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    tail: deque[str] = deque(maxlen=200)  # enough to find the error line of a traceback
-    with open(log, "a", buffering=1) as out, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=os.environ | {"PYTHONUNBUFFERED": "1"}) as proc:
-        out.write(f"$ {' '.join(cmd)}\n")
-        for line in proc.stdout:
-            out.write(line)
-            tail.append(line)
-            echo(f"[dim]{spec.label}[/] {escape(line.rstrip())}")  # a run's text is not markup
-        rc = proc.wait()
-    if -rc in INTERRUPTS or rc == 130:  # 130: the child's own Ctrl-C handler
-        raise FP8LabError(f"run {spec.run_dir} ({spec.label}) was interrupted; run the same fp8lab compare "
-                          "command again to resume it from its newest checkpoint (finished runs are kept)")
+    try:
+        # A run's text is not markup: escaped.
+        child = run_child(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"}, log=log, grace_s=None,
+                          on_line=lambda line: echo(f"[dim]{spec.label}[/] {escape(line)}"))
+    except KeyboardInterrupt:
+        raise FP8LabError(_interrupted(spec)) from None
+    rc = child.returncode
+    if -rc in INTERRUPTS or rc in (130, PREEMPTED_EXIT):  # Ctrl-C; a stop signal the child saved and stopped on
+        raise FP8LabError(_interrupted(spec))
     status = finished_status(spec.run_dir)
     if status == "completed":
         return status, None
     if status == "stopped-by-guard":
         return status, _summary(spec.run_dir).get("reason")
-    return "failed", failure_reason(rc, "".join(tail), None) + f" (log: {log})"
+    return "failed", failure_reason(rc, child.output, None) + f" (log: {log})"
+
+
+def _interrupted(spec: RunSpec) -> str:
+    return (f"run {spec.run_dir} ({spec.label}) was interrupted; run the same fp8lab compare command again to "
+            "resume it from its newest checkpoint (finished runs are kept)")
 
 
 def _summary(run_dir: Path) -> dict:
@@ -111,7 +111,8 @@ def read_run(spec: RunSpec, status: str, reason: str | None) -> tuple[Outcome, d
            "tokens_per_s": summary.get("tokens_per_s_median"), "mem_peak_gb": summary.get("mem_peak_gb"),
            "final_train_loss": summary.get("final_train_loss"), "final_eval_loss": outcome.eval_loss,
            "rollbacks": outcome.rollbacks, "alarms": alarms, "init_digest": summary.get("init_digest"),
-           "emulated": summary.get("emulated"), "converted": (summary.get("conversion") or {}).get("num_converted"),
+           "emulated": summary.get("emulated"), "label": summary.get("label"),
+           "compute_dtype": summary.get("compute_dtype"), "converted": (summary.get("conversion") or {}).get("num_converted"),
            # With --allow-fallback a rollback may have changed the recipe: the row says so.
            "final_recipe": summary.get("recipe"), "recipe_history": summary.get("recipe_history", []),
            "data_crc": [r.get("data_crc") for r in recs]}

@@ -7,8 +7,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from fp8lab.train.console import console
-from fp8lab.train.console import fmt as _f
+from fp8lab.ui import console
+from fp8lab.ui import fmt as _f
 
 STYLE = {"baseline": "bold", "parity": "green", "worse": "red", "diverged": "bold red",
          "inconclusive": "yellow", "unsupported": "dim", "failed": "red"}
@@ -21,7 +21,8 @@ def print_summary(summary: dict) -> None:
         t.add_column(col, justify="left" if col in ("recipe", "verdict") else "right")
     for r in summary["results"]:
         style = STYLE.get(r["verdict"], "")
-        t.add_row(r["recipe"] + (" (emulated)" if r.get("emulated") else ""), f"[{style}]{r['verdict']}[/]",
+        name = escape(r.get("label") or r["recipe"]) + (" (emulated)" if r.get("emulated") else "")
+        t.add_row(name, f"[{style}]{r['verdict']}[/]",
                   _f(r["tokens_per_s"], ",.0f"), _f(r["speedup_vs_bf16"], ".2f") + ("x" if r["speedup_vs_bf16"] else ""),
                   _f(r["mem_peak_gb"], ".2f"), _f(r["final_train_loss"], ".4f"), _f(r["final_eval_loss"], ".4f"),
                   _f(r["loss_gap"], "+.4f"))
@@ -29,7 +30,8 @@ def print_summary(summary: dict) -> None:
     for r in summary["results"]:
         if r["recipe"] != "bf16" or r["verdict"] != "baseline":
             reason = f" ({r['reason']})" if r.get("reason") and r["verdict"] in ("unsupported", "failed") else ""
-            console.print(f"  [{STYLE.get(r['verdict'], '')}]{r['recipe']}: {r['verdict']}[/] - "
+            name = escape(r.get("label") or r["recipe"])
+            console.print(f"  [{STYLE.get(r['verdict'], '')}]{name}: {r['verdict']}[/] - "
                           + escape(r["verdict_detail"] + reason))  # free text, not markup
     console.print(f"  noise band: {escape(summary['noise']['how'])}")
     console.print(f"  checks: {escape(summary['checks']['detail'])}")

@@ -7,6 +7,7 @@ so anything found at the final path with a manifest is a finished write.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -18,12 +19,13 @@ import numpy as np
 
 from fp8lab.data.shards import Shard, ShardStream, open_shard, sha256_file, write_shard
 from fp8lab.errors import FP8LabError
-from fp8lab.fsutil import fsync_dir
+from fp8lab.fsutil import fsync_dir, os_error
 
 MANIFEST = "manifest.json"
 DATASET_FORMAT = "fp8lab-tokens"
 DATASET_VERSION = 1
 _PREPARE_HINT = "check `data.path` or prepare the data again"
+TMP_INFIX = ".tmp-"  # a build of OUT grows in OUT.tmp-PID beside it
 
 
 class DatasetExistsError(FP8LabError):
@@ -134,11 +136,14 @@ class DatasetWriter:
         self.out_dir, self.seq_len, self.vocab_size = out_dir, seq_len, vocab_size
         self.eos_id, self.pad_id = eos_id, pad_id
         self.splits: dict[str, list[dict]] = {"train": [], "val": []}
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(out_dir)
         # Named by pid so a crashed writer's leftovers are recognisable and never mistaken for data.
-        self.tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+        self.tmp = out_dir.parent / f"{out_dir.name}{TMP_INFIX}{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise os_error(e, path=self.tmp, action="create directory") from None
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -181,10 +186,13 @@ class DatasetWriter:
     def add_file(self, name: str, data: bytes) -> str:
         """Store `data` as `name` next to the shards (e.g. tokenizer.json); return its sha256."""
         path = self.tmp / name
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise os_error(e, path=path, nbytes=len(data)) from None
         return hashlib.sha256(data).hexdigest()
 
     def finish(self, *, tokenizer: dict, sources: list, extra: dict | None = None) -> Path:
@@ -204,12 +212,15 @@ class DatasetWriter:
         if clash:
             raise FP8LabError(f"{self.out_dir}: extra manifest keys {clash} would replace core keys")
         manifest.update(extra or {})
+        text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
         try:
-            with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, sort_keys=True, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise os_error(e, path=self.tmp / MANIFEST, nbytes=len(text.encode())) from None
             fsync_dir(self.tmp)
             try:
                 # rename() replaces an empty directory but never a non-empty one: that is the race check.
@@ -233,10 +244,59 @@ class DatasetWriter:
 
 def check_out_dir(out_dir: Path) -> None:
     """Raise DatasetExistsError unless `out_dir` is absent or an empty directory."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetExistsError(
+            f"output {out_dir} is an existing file, not a directory; choose a new directory path (it is not touched)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetExistsError(
             f"output directory {out_dir} already exists and is not empty; remove it or choose another path"
         )
+
+
+def make_parent(out_dir: Path) -> None:
+    """Create the folders above `out_dir`, as one clear error when that is impossible."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, path=out_dir.parent, action="create directory") from None
+
+
+def temp_dirs(out_dir: Path) -> dict[Path, int]:
+    """{temporary directory: writer PID} of every DatasetWriter build of `out_dir` found beside it."""
+    found = {}
+    for p in out_dir.parent.glob(f"{glob.escape(out_dir.name)}{TMP_INFIX}*"):
+        pid = p.name[len(out_dir.name) + len(TMP_INFIX) :]
+        if pid.isdigit() and p.is_dir() and not p.is_symlink():
+            found[p] = int(pid)
+    return found
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete the temporary directories of `out_dir` whose writer process is gone (kill -9, power
+    loss: nothing could clean up); return them. A live PID's directory is left alone, even if
+    the PID was reused by an unrelated process: wrongly keeping costs disk, wrongly deleting
+    would break a running writer. PIDs are this machine's (and this PID namespace's)."""
+    removed = []
+    for path, pid in sorted(temp_dirs(out_dir).items()):
+        if pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
 
 
 def write_dataset(

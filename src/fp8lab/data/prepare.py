@@ -1,13 +1,27 @@
 """`fp8lab prepare` as a library call: input files -> tokenizer -> split -> windows -> shards.
 
-The output is built in a temporary directory and renamed when complete (DatasetWriter), so any
-error, Ctrl-C or crash leaves no directory that looks like data. The manifest records the
-options, the tokenizer, every source file's sha256 and the statistics, but no time or host,
-so the same inputs and options give the same bytes.
+The output is built in a temporary directory, OUT.tmp-PID, and renamed when complete
+(DatasetWriter), so any error, Ctrl-C or SIGTERM leaves no directory that looks like data, and
+removes the temporary one. A SIGTERM becomes the exception `Terminated` for the duration of
+`prepare_dataset` (when called from the main thread and SIGTERM has its default action), so
+the same cleanup runs; the CLI then exits with 143 (128 + SIGTERM), as the default action
+would (Ctrl-C: KeyboardInterrupt, exit 130).
+kill -9 cannot be caught: the next run on the same output removes the temporary directories of
+writers that no longer run, and says so in the report's notes.
+
+Two runs on one output cannot race: a run holds the lock OUT.lock (fp8lab.lock.DirLock) from
+before it looks at the output until it has renamed it into place; a second run fails at once,
+naming the PID that holds it.
+
+The manifest records the options, the tokenizer, every source file's sha256 and the
+statistics, but no time or host, so the same inputs and options give the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from fp8lab.data.arrays import iter_documents, iter_rows, open_npy
-from fp8lab.data.dataset import DatasetWriter, check_out_dir
+from fp8lab.data.dataset import DatasetWriter, check_out_dir, make_parent, remove_stale_temps
 from fp8lab.data.pack import Packer, ShardSink, Splitter, row_is_val
 from fp8lab.data.readers import (
     FileStats,
     TextDecoder,
     expand_inputs,
     input_kind,
+    parse_exts,
+    read_json,
     read_jsonl,
     read_parquet,
     read_txt,
@@ -29,12 +45,52 @@ from fp8lab.data.readers import (
 from fp8lab.data.shards import sha256_file
 from fp8lab.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 from fp8lab.errors import FP8LabError
+from fp8lab.fsutil import NO_SPACE, os_error
+from fp8lab.lock import DirLock
 
 DEFAULT_SEQ_LEN = 512
 # 1G tokens (2 GB of uint16) per shard: our user's 850M-token set is one file per split, and the
 # loader gathers a batch from one memmap with one numpy call (each extra shard costs a call).
 DEFAULT_SHARD_TOKENS = 1_000_000_000
 SPLITS = ("train", "val")
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during prepare_dataset. A BaseException like KeyboardInterrupt, so no
+    `except Exception` on the way up swallows it before the temporary output is removed."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, the first SIGTERM raises Terminated in the main thread.
+
+    Does nothing outside the main thread (Python runs handlers there only) or when the program
+    already handles or ignores SIGTERM: its choice stands. Later SIGTERMs are ignored until the
+    block ends, so they cannot cut the cleanup short.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    fired = False
+
+    def on_sigterm(signum, frame):
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def output_lock(out: Path) -> DirLock:
+    """The lock that one `prepare` run on `out` holds: OUT.lock beside the output directory (the
+    directory itself must stay empty until it is renamed into place)."""
+    return DirLock(out.parent / f"{out.name}.lock", what=f"output {out}")
 
 
 class Progress:
@@ -66,12 +122,15 @@ def _positive(name: str, value: object, *, zero: bool = False) -> None:
         raise FP8LabError(f"{name} must be an integer >= {0 if zero else 1}, got {value!r}")
 
 
-def _text_docs(path: Path, kind: str, *, decoder: TextDecoder, stats: FileStats, text_field: str, text_column: str):
-    if kind == "txt":
-        return read_txt(path, decoder=decoder, stats=stats)
+def _text_docs(path: Path, kind: str, *, decoder: TextDecoder, stats: FileStats, opts: dict):
+    if kind in ("txt", "text"):
+        return read_txt(path, decoder=decoder, stats=stats, allow_empty=kind == "text")
     if kind == "parquet":
-        return read_parquet(path, column=text_column, decoder=decoder, stats=stats)
-    return read_jsonl(path, field_name=text_field, decoder=decoder, stats=stats)
+        return read_parquet(path, column=opts["text_column"], decoder=decoder, stats=stats)
+    if kind == "json":
+        return read_json(path, field_name=opts["text_field"], decoder=decoder, stats=stats)
+    return read_jsonl(path, field_name=opts["text_field"], decoder=decoder, stats=stats,
+                      max_line_bytes=opts["max_line_bytes"])
 
 
 def prepare_dataset(
@@ -91,14 +150,22 @@ def prepare_dataset(
     encoding_errors: str = "replace",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: Progress | None = None,
+    ext: str | list[str] | None = None,
+    max_line_bytes: int | None = None,
 ) -> PrepareReport:
     """Tokenize (or take pre-tokenized) `inputs` into a verified data directory at `out`.
 
-    Text (.txt: one document per file; .jsonl/.jsonl.gz: `text_field` per line; .parquet:
-    `text_column` per row) goes through `tokenizer` ("byte", or a local tokenizer.json), or a
-    BPE of `vocab_size` trained on the input when `train_tokenizer`. `.npy` inputs are token ids
-    (`vocab_size` or a tokenizer file gives the vocabulary): 1-D streams are split into
-    documents at `eos_id`; 2-D (N, L) arrays keep their rows (seq_len = L - 1, row-level split).
+    Text (.txt: one document per file; .jsonl/.jsonl.gz: `text_field` per line; .json: an
+    array of objects with `text_field`, or of strings; .parquet: `text_column` per row; files
+    ending in an `ext` extension such as ".py,.md": plain text, one document per file) goes
+    through `tokenizer` ("byte", or a local tokenizer.json), or a BPE of `vocab_size` trained on
+    the input when `train_tokenizer`. `.npy` inputs are token ids (`vocab_size` or a tokenizer
+    file gives the vocabulary): 1-D streams are split into documents at `eos_id`; 2-D (N, L)
+    arrays keep their rows (seq_len = L - 1, row-level split). A JSON line longer than
+    `max_line_bytes` (default readers.MAX_LINE_BYTES, 64 MiB) is an error.
+
+    Raises FP8LabError for bad input or an unwritable output (also when another run holds
+    OUT.lock), Terminated on SIGTERM (see the module docstring); nothing is left at `out` then.
     """
     started = time.perf_counter()
     progress = progress or Progress()
@@ -107,43 +174,32 @@ def prepare_dataset(
     if seq_len is not None:
         _positive("--seq-len", seq_len)
     _positive("--shard-tokens", shard_tokens)
+    if max_line_bytes is not None:
+        _positive("--max-line-bytes", max_line_bytes)
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise FP8LabError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
     decoder = TextDecoder(encoding_errors)
-    files = expand_inputs(inputs)
-    kinds = {input_kind(p) for p in files}
+    text_exts = parse_exts(ext)
+    files = expand_inputs(inputs, text_exts)
+    kinds = {input_kind(p, text_exts) for p in files}
     if "npy" in kinds and kinds != {"npy"}:
         raise FP8LabError(
             "cannot mix pre-tokenized .npy inputs with text inputs "
             f"({', '.join(str(p) for p in files if input_kind(p) != 'npy')[:200]}); prepare them separately"
         )
-    sources = [
-        {"path": str(p), "kind": input_kind(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
-    ]
-    total_bytes = sum(s["bytes"] for s in sources)
-    run = _prepare_arrays if kinds == {"npy"} else _prepare_text
-    stats, writer, notes = run(
-        files=files,
-        sources=sources,
-        out=out,
-        opts=dict(
-            tokenizer=tokenizer,
-            train_tokenizer=train_tokenizer,
-            vocab_size=vocab_size,
-            eos_token=eos_token,
-            eos_id=eos_id,
-            text_field=text_field,
-            text_column=text_column,
-            seq_len=seq_len,
-            pack=pack,
-            val_fraction=float(val_fraction),
-            shard_tokens=shard_tokens,
-            encoding_errors=encoding_errors,
-        ),
-        decoder=decoder,
-        progress=progress,
-        total_bytes=total_bytes,
-    )
+    opts = dict(tokenizer=tokenizer, train_tokenizer=train_tokenizer, vocab_size=vocab_size, eos_token=eos_token,
+                eos_id=eos_id, text_field=text_field, text_column=text_column, seq_len=seq_len, pack=pack,
+                val_fraction=float(val_fraction), shard_tokens=shard_tokens, encoding_errors=encoding_errors,
+                max_line_bytes=max_line_bytes)
+    make_parent(out)
+    try:
+        with sigterm_raises(), output_lock(out):
+            check_out_dir(out)  # the run that held the lock before us may have written it
+            notes = _remove_stale(out)
+            stats, writer, run_notes, total_bytes = _run(files=files, kinds=kinds, text_exts=text_exts, out=out,
+                                                         decoder=decoder, progress=progress, opts=opts)
+    except OSError as e:
+        raise _os_error(e, out) from e
     return PrepareReport(
         path=out,
         seq_len=writer.seq_len,
@@ -152,8 +208,35 @@ def prepare_dataset(
         seconds=time.perf_counter() - started,
         input_bytes=total_bytes,
         replaced=decoder.replaced,
-        notes=notes,
+        notes=notes + run_notes,
     )
+
+
+def _remove_stale(out: Path) -> list[str]:
+    removed = remove_stale_temps(out)
+    if not removed:
+        return []
+    names = ", ".join(p.name for p in removed)
+    return [f"removed {names} beside {out}: temporary output of a prepare run that no longer runs (killed)"]
+
+
+def _os_error(e: OSError, out: Path) -> FP8LabError:
+    """An OSError no write site turned into a message (a read of an input, for instance)."""
+    if e.errno in NO_SPACE:
+        return os_error(e, path=e.filename or out)
+    return FP8LabError(f"{e.filename or out}: {e.strerror or e} (while preparing {out})")
+
+
+def _run(*, files, kinds, text_exts, out, decoder, progress, opts):
+    sources = [
+        {"path": str(p), "kind": input_kind(p, text_exts), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in files
+    ]
+    total_bytes = sum(s["bytes"] for s in sources)
+    run = _prepare_arrays if kinds == {"npy"} else _prepare_text
+    stats, writer, notes = run(files=files, sources=sources, out=out, opts=opts, decoder=decoder, progress=progress,
+                               total_bytes=total_bytes)
+    return stats, writer, notes, total_bytes
 
 
 def _describe(files: list[Path]) -> str:
@@ -202,7 +285,7 @@ def _prepare_text(*, files, sources, out, opts, decoder, progress, total_bytes):
         if opts["vocab_size"] is None:
             raise FP8LabError("--train-tokenizer needs --vocab-size N (the size of the BPE vocabulary to learn)")
         progress.phase("training tokenizer", total_bytes=total_bytes)
-        tok = train_bpe(texts=_training_texts(files, opts, progress), vocab_size=opts["vocab_size"])
+        tok = train_bpe(texts=_training_texts(files, sources, opts, progress), vocab_size=opts["vocab_size"])
     elif opts["vocab_size"] is not None:
         raise FP8LabError("--vocab-size applies to --train-tokenizer or .npy inputs; a tokenizer file fixes its own")
     elif opts["tokenizer"] in (None, "byte"):
@@ -227,11 +310,11 @@ def _prepare_text(*, files, sources, out, opts, decoder, progress, total_bytes):
         splitter = Splitter(val_fraction=opts["val_fraction"])
         progress.phase("tokenizing", total_bytes=total_bytes)
         open_in = None  # the split holding a document still open across batches
+        skipped: list[Path] = []
         for path, source in zip(files, sources, strict=True):
             fstats = FileStats()
             before = decoder.replaced
-            for batch in _text_docs(path, source["kind"], decoder=decoder, stats=fstats, text_field=opts["text_field"],
-                                    text_column=opts["text_column"]):
+            for batch in _text_docs(path, source["kind"], decoder=decoder, stats=fstats, opts=opts):
                 if not batch.texts:
                     progress.advance(nbytes=batch.nbytes, tokens=0)
                     continue
@@ -244,7 +327,9 @@ def _prepare_text(*, files, sources, out, opts, decoder, progress, total_bytes):
                 _route(packers, flat, lengths, is_val, batch.first_continues, batch.last_open)
                 open_in = ("val" if is_val[-1] else "train") if batch.last_open else None
                 progress.advance(nbytes=batch.nbytes, tokens=int(lengths.sum()))
-            if fstats.documents == 0:
+            if fstats.documents == 0 and source["kind"] == "text":
+                skipped.append(path)  # an empty __init__.py in a source tree is normal, not a mistake
+            elif fstats.documents == 0:
                 raise FP8LabError(f"input {path} holds no text: all its {fstats.empty} documents are empty")
             source.update(documents=fstats.documents, empty_documents=fstats.empty,
                           replaced_invalid_utf8=decoder.replaced - before)
@@ -264,6 +349,9 @@ def _prepare_text(*, files, sources, out, opts, decoder, progress, total_bytes):
         }
         writer.finish(tokenizer=tok_record, sources=sources, extra=extra)
     notes = []
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        notes.append(f"skipped {len(skipped)} empty file(s): {', '.join(map(str, skipped[:3]))}{more}")
     if decoder.replaced:
         notes.append(f"replaced {decoder.replaced} invalid UTF-8 sequence(s) with U+FFFD (--encoding-errors=error "
                      "refuses them instead)")
@@ -290,12 +378,11 @@ def _route(packers: dict, flat, lengths, is_val, first_continues: bool, last_ope
                           last_open=last_open and bool(mask[n - 1]))
 
 
-def _training_texts(files, opts, progress):
+def _training_texts(files, sources, opts, progress):
     """Every document once, for BPE training (its own decoder: replacements are counted on the real pass)."""
     decoder = TextDecoder(opts["encoding_errors"])
-    for path in files:
-        for batch in _text_docs(path, input_kind(path), decoder=decoder, stats=FileStats(),
-                                text_field=opts["text_field"], text_column=opts["text_column"]):
+    for path, source in zip(files, sources, strict=True):
+        for batch in _text_docs(path, source["kind"], decoder=decoder, stats=FileStats(), opts=opts):
             progress.advance(nbytes=batch.nbytes, tokens=0)
             yield from batch.texts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fp8lab.errors import FP8LabError
-from fp8lab.fsutil import fsync_dir
+from fp8lab.fsutil import fsync_dir, os_error
 
 HEADER_BYTES = 256
 MAGIC = b"FP8LTOK\x00"
@@ -125,16 +125,26 @@ class ShardStream:
         self.seq_len, self.vocab_size, self.eos_id, self.pad_id = seq_len, vocab_size, eos_id, pad_id
         self.count = 0
         self.tmp = Path(f"{self.path}.tmp")
-        self._file = open(self.tmp, "wb", buffering=1 << 20)
-        self._file.write(b"\x00" * HEADER_BYTES)
+        try:
+            self._file = open(self.tmp, "wb", buffering=1 << 20)
+        except OSError as e:
+            raise os_error(e, path=self.tmp, action="create") from None
+        self._write(b"\x00" * HEADER_BYTES)
 
     def append(self, tokens: np.ndarray) -> None:
         """Add (n, seq_len + 1) windows; ids are checked against the vocabulary as in write_shard."""
         data = _check_tokens(path=self.path, tokens=tokens, vocab_size=self.vocab_size)
         if data.shape[1] != self.seq_len + 1:
             raise FP8LabError(f"{self.path}: windows of {data.shape[1]} tokens, expected {self.seq_len + 1}")
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self._write(memoryview(data.reshape(-1).view(np.uint8)))
         self.count += len(data)
+
+    def _write(self, data) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self.abort()
+            raise os_error(e, path=self.tmp, nbytes=len(data)) from None
 
     def close(self) -> dict:
         """Finish the file and return its manifest entry."""
@@ -150,14 +160,18 @@ class ShardStream:
             os.replace(self.tmp, self.path)
         except OSError as e:
             self.abort()
-            raise FP8LabError(f"could not write shard {self.path}: {e.strerror or e}; check free space") from e
+            nbytes = shard_nbytes(count=self.count, seq_len=self.seq_len, itemsize=itemsize)
+            raise os_error(e, path=self.tmp, nbytes=nbytes) from e
         fsync_dir(self.path.parent)
         nbytes = shard_nbytes(count=self.count, seq_len=self.seq_len, itemsize=itemsize)
         return {"file": self.path.name, "sequences": self.count, "bytes": nbytes, "sha256": digest}
 
     def abort(self) -> None:
         """Close and delete the partial file."""
-        self._file.close()
+        try:
+            self._file.close()  # flushes what is buffered, which fails again on a full disk
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -191,7 +205,7 @@ def write_shard(
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise FP8LabError(f"could not write shard {path}: {e.strerror or e}; check the directory is writable") from e
+        raise os_error(e, path=path, action="write shard", nbytes=len(header) + payload.size) from e
     fsync_dir(path.parent)
     return {"file": path.name, "sequences": count, "bytes": len(header) + payload.size, "sha256": digest.hexdigest()}
 

@@ -4,8 +4,9 @@ FLOPs per token = 6 * N + 12 * L * d * T (the PaLM appendix B / nanoGPT / torcht
 estimate): 6N for the forward and backward of every matmul weight, and 12*L*d*T for the
 attention scores and weighted sum, which grow with sequence length T. N counts the weights
 that take part in matmuls: every linear including the output head, but not the embedding
-lookup (a gather, no FLOPs). MFU divides by the device's dense BF16 peak for every recipe,
-so a BF16 and an FP8 run are measured against the same ceiling.
+lookup (a gather, no FLOPs). MFU divides by the dense peak of the fastest math the run uses
+(fp8lab.gpus.mfu_peak_tflops: BF16's for bf16, FP8's for the FP8 recipes), so it never
+passes 100%: an FP8 run is measured against what its FP8 matmuls could do.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@
 and returns a report of what was converted and what was skipped and why. BF16 is the
 no-op conversion: the trainer's autocast does the rest. Weights stay fp32 (the master
 copy); the casts to FP8 happen on the fly in each matmul.
+
+Which layers convert is decided in three steps, each with its reason kept in the report:
+eligibility (`eligible`: skip_modules, dimensions the recipe can take), TorchAO's size
+heuristic when asked (`filter_mode="heuristic"`), then the caller's layer policy
+(`filter_fn`, as TorchAO's `module_filter_fn`): fp8lab's measured or predicted policy comes
+from `fp8lab.perf.layer_policy`, handed in by the trainer, not looked up here.
 """
 
 from __future__ import annotations
@@ -15,31 +21,35 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from fp8lab.errors import FP8LabError
-from fp8lab.precision.capability import EMULATION_NOTE, resolve_emulation
+from fp8lab.precision.plain import to_plain  # noqa: F401  (public: fp8lab.precision.to_plain)
 from fp8lab.precision.recipes import Recipe, get_recipe
+from fp8lab.precision.support import EMULATION_NOTE, resolve_emulation
+from fp8lab.precision.swap import swap_linears
 
 log = logging.getLogger("fp8lab")
 
 
-def _import_torchao() -> None:
-    # torchao logs a warning for each prebuilt CUDA extension it cannot load (always, on
-    # CPU-only installs) and torch warns about its Enum registrations: noise, not news.
-    # The kernel probe in capability.py checks what really runs.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import torchao  # noqa: F401
+@dataclass(frozen=True)
+class LayerChoice:
+    """What a layer policy (filter_fn) may return instead of a bare bool: the decision and
+    the numbers behind it, which the report keeps."""
+    convert: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.convert
 
 
 @dataclass
 class ConversionReport:
     recipe: str
     emulated: bool
-    converted: list[dict] = field(default_factory=list)  # {"name", "in_features", "out_features"}
+    converted: list[dict] = field(default_factory=list)  # {"name", "in_features", "out_features"[, "filter"]}
     skipped: list[dict] = field(default_factory=list)  # {"name", "in_features", "out_features", "reason"}
+    fsdp_float8_all_gather: bool = False  # FSDP2 gathers the converted weights in FP8 (see precision.fsdp)
 
     @property
     def num_converted(self) -> int:
@@ -47,7 +57,7 @@ class ConversionReport:
 
     def summary(self) -> str:
         if self.recipe == "bf16":
-            return "bf16: no conversion (autocast)"
+            return "bf16: no linears converted"
         reasons: dict[str, int] = {}
         for s in self.skipped:
             reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
@@ -59,9 +69,20 @@ class ConversionReport:
         return dataclasses.asdict(self) | {"num_converted": self.num_converted}
 
 
-def _matches(fqn: str, pattern: str) -> bool:
-    # Exact name, a dotted suffix ("w2" matches "layers.3.feed_forward.w2"), or fnmatch.
+def matches(fqn: str, pattern: str) -> bool:
+    """Exact name, a dotted suffix ("w2" matches "layers.3.feed_forward.w2"), or fnmatch."""
     return fqn == pattern or fqn.endswith("." + pattern) or fnmatch.fnmatchcase(fqn, pattern)
+
+
+def eligible(name: str, k: int, n: int, recipe: Recipe, skip_modules: Iterable[str]) -> str | None:
+    """None when a linear called `name` with k in and n out features can convert under
+    `recipe`, else why not. The one rule: the converter, the advisor and the layer
+    benchmarks all ask it."""
+    if any(matches(name, p) for p in skip_modules):
+        return "named in precision.skip_modules"
+    if k % recipe.dim_multiple or n % recipe.dim_multiple:
+        return f"dims not multiples of {recipe.dim_multiple}"
+    return None
 
 
 def heuristic_keep_high_precision(recipe: Recipe, k: int, n: int) -> bool:
@@ -79,22 +100,17 @@ def heuristic_keep_high_precision(recipe: Recipe, k: int, n: int) -> bool:
     raise FP8LabError(f"precision.filter_mode=heuristic has no published rule for {recipe.name}; use filter_mode=all")
 
 
-def plan_conversion(
-    model: nn.Module,
-    recipe: Recipe,
-    *,
-    skip_modules: Iterable[str],
-    filter_mode: str = "all",
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    filter_gpu: str = "auto",
-    filter_tokens: int | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Decide, for every nn.Linear in `model`, convert or skip (with a reason).
+FILTER_MODES = ("all", "heuristic")
 
-    filter_mode "auto" / "roofline" ask precision.layer_filter about each distinct shape that
-    passed the other checks (timed on this GPU, or predicted for `filter_gpu` at
-    `filter_tokens` tokens per micro-batch); its reason, with the numbers, is kept either way.
-    """
+
+def plan_conversion(model: nn.Module, recipe: Recipe, *, skip_modules: Iterable[str], filter_mode: str = "all",
+                    filter_fn: Callable[[nn.Module, str], bool | LayerChoice] | None = None,
+                    ) -> tuple[list[dict], list[dict]]:
+    """Decide, for every nn.Linear in `model`, convert or skip (with a reason)."""
+    if filter_mode not in FILTER_MODES:
+        raise FP8LabError(f"convert(filter_mode={filter_mode!r}): the converter applies {' or '.join(FILTER_MODES)}; "
+                          "the auto and roofline policies come from fp8lab.perf.layer_policy.layer_policy(...), "
+                          "handed in as filter_fn")
     skip_modules = list(skip_modules)
     converted, skipped = [], []
     for fqn, mod in model.named_modules():
@@ -102,30 +118,20 @@ def plan_conversion(
             continue
         k, n = mod.in_features, mod.out_features
         entry = {"name": fqn, "in_features": k, "out_features": n}
-        m = recipe.dim_multiple
-        if any(_matches(fqn, p) for p in skip_modules):
-            reason = "named in precision.skip_modules"
-        elif k % m or n % m:
-            reason = f"dims not multiples of {m}"
-        elif filter_fn is not None and not filter_fn(mod, fqn):
-            reason = "rejected by filter_fn"
-        elif filter_mode == "heuristic" and heuristic_keep_high_precision(recipe, k, n):
+        reason = eligible(fqn, k, n, recipe, skip_modules)
+        if reason is None and filter_mode == "heuristic" and heuristic_keep_high_precision(recipe, k, n):
             reason = "too small to gain (heuristic filter)"
-        else:
+        if reason is None and filter_fn is not None:
+            choice = filter_fn(mod, fqn)
+            said = choice.reason if isinstance(choice, LayerChoice) else None
+            if not choice:
+                reason = said or "rejected by filter_fn"
+            elif said:
+                entry["filter"] = said
+        if reason is None:
             converted.append(entry)
-            continue
-        skipped.append(entry | {"reason": reason})
-    if filter_mode in ("auto", "roofline") and converted:
-        from fp8lab.precision.layer_filter import decide
-
-        device = next(model.parameters()).device
-        decisions = decide(recipe, [(c["in_features"], c["out_features"]) for c in converted], mode=filter_mode,
-                           device=device, filter_gpu=filter_gpu, tokens=filter_tokens)
-        kept = []
-        for c in converted:
-            d = decisions[(c["in_features"], c["out_features"])]
-            (kept if d.convert else skipped).append(c | ({"filter": d.reason} if d.convert else {"reason": d.reason}))
-        converted = kept
+        else:
+            skipped.append(entry | {"reason": reason})
     return converted, skipped
 
 
@@ -136,11 +142,8 @@ def convert(
     emulate: str = "auto",
     skip_modules: Iterable[str] = ("output",),
     filter_mode: str = "all",
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    filter_gpu: str = "auto",
-    filter_tokens: int | None = None,
+    filter_fn: Callable[[nn.Module, str], bool | LayerChoice] | None = None,
     fsdp_float8_all_gather: bool = False,
-    _gate: bool = True,
 ) -> ConversionReport:
     """Convert `model`'s linears in place for `recipe` and report what happened.
 
@@ -149,14 +152,12 @@ def convert(
         "on" forces emulation; "off" forbids it. An incapable GPU is an FP8LabError.
     skip_modules: names kept in high precision (exact, dotted suffix, or fnmatch pattern);
         the output head by default, whose accuracy matters most and whose dims are often odd.
-    filter_mode: "all" eligible linears, "heuristic" (TorchAO's H100 size rules), "roofline"
-        (only the shapes bench.roofline predicts to win on `filter_gpu` at `filter_tokens`
-        tokens per micro-batch) or "auto" (time each shape on this GPU; roofline on CPU).
-    filter_gpu: the GPU id the roofline judges for; "auto": this device's (h100-sxm on CPU).
-    filter_tokens: tokens per micro-batch (batch size x sequence length) for auto/roofline.
-    filter_fn: optional extra `(module, fqn) -> bool`; False keeps the layer in high precision.
+    filter_mode: "all" eligible linears, or "heuristic" (TorchAO's H100 size rules).
+    filter_fn: `(module, fqn) -> bool` or a LayerChoice (a bool with its reason); False keeps
+        the layer in high precision. `fp8lab.perf.layer_policy.layer_policy(...)` builds the measured
+        (auto) and predicted (roofline) policies.
     fsdp_float8_all_gather: (tensorwise) FSDP2 all-gathers the weights in FP8; call
-        torchao.float8.precompute_float8_dynamic_scale_for_fsdp(model) after each optimizer step.
+        `fp8lab.precision.post_optimizer_hook(model, report)` after each optimizer step.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(model, nn.Linear):
@@ -165,55 +166,14 @@ def convert(
         device = next(model.parameters()).device
     except StopIteration:
         raise FP8LabError("convert(): the model has no parameters") from None
-    emulated = resolve_emulation(recipe, device, emulate) if _gate else emulate == "on"
-    report = ConversionReport(recipe=recipe.name, emulated=emulated)
+    emulated = resolve_emulation(recipe, device, emulate)
+    report = ConversionReport(recipe=recipe.name, emulated=emulated, fsdp_float8_all_gather=fsdp_float8_all_gather)
     if not recipe.is_low_precision:
         return report
-    report.converted, report.skipped = plan_conversion(
-        model, recipe, skip_modules=skip_modules, filter_mode=filter_mode, filter_fn=filter_fn,
-        filter_gpu=filter_gpu, filter_tokens=filter_tokens,
-    )
-    chosen = {c["name"] for c in report.converted}
-    _import_torchao()
-    if recipe.kind == "float8":
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe.torchao_recipe), emulate=emulated,
-                                     enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
-        convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in chosen, config=config)
-    elif recipe.kind == "mxfp8":
-        from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
-        from torchao.quantization import quantize_
-
-        name = "mxfp8_emulated_rceil" if emulated else recipe.torchao_recipe
-        config = MXFP8TrainingOpConfig.from_recipe(MXFP8TrainingRecipe(name))
-        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in chosen)
-    else:
-        raise AssertionError(f"recipe kind {recipe.kind!r} has no converter")
+    report.converted, report.skipped = plan_conversion(model, recipe, skip_modules=skip_modules,
+                                                       filter_mode=filter_mode, filter_fn=filter_fn)
+    swap_linears(model, recipe, names={c["name"] for c in report.converted}, emulated=emulated,
+                 fsdp_float8_all_gather=fsdp_float8_all_gather)
     if emulated:
         log.warning(EMULATION_NOTE)
     return report
-
-
-def _is_torchao_subclass(t: torch.Tensor) -> bool:
-    return type(t) not in (torch.Tensor, nn.Parameter) and type(t).__module__.startswith("torchao")
-
-
-def to_plain(t: torch.Tensor) -> torch.Tensor:
-    """The high-precision tensor inside a TorchAO training subclass (MXFP8 weight wrapper,
-    float8 all-gather weight), sharing its storage; other tensors (DTensor included) as is.
-    Checkpoints hold plain tensors so they load under any recipe.
-    """
-    t = t.data if isinstance(t, nn.Parameter) else t
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor) and _is_torchao_subclass(t._local_tensor):
-        # FSDP2 with FP8 all-gather: a shard whose local tensor is TorchAO's weight wrapper.
-        return DTensor.from_local(to_plain(t._local_tensor), t.device_mesh, t.placements, run_check=False,
-                                  shape=t.shape, stride=t.stride())
-    while _is_torchao_subclass(t):
-        inner, _ = t.__tensor_flatten__()
-        if len(inner) != 1:
-            raise TypeError(f"cannot unwrap {type(t).__name__}: it holds {inner}")
-        t = getattr(t, inner[0])
-    return t

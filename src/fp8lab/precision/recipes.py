@@ -18,11 +18,16 @@ class Recipe:
     min_capability: tuple[int, int] | None  # CUDA compute capability for the real kernels
     dim_multiple: int  # in/out features must be multiples of this to convert
     summary: str
-    hardware: str  # what runs it natively, in words (capability.py enforces it)
+    hardware: str  # what runs it natively, in words (support.py enforces it)
 
     @property
     def is_low_precision(self) -> bool:
         return self.kind != "none"
+
+    @property
+    def math(self) -> str:
+        """What its converted matmuls compute in (fp8lab.gpus.MATH_FIELDS): bf16, fp8 or mxfp8."""
+        return {"none": "bf16", "float8": "fp8", "mxfp8": "mxfp8"}[self.kind]
 
 
 _FP8_HW = "sm_89+ (Ada, Hopper, Blackwell)"

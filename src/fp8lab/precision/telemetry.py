@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fp8lab.precision.convert import _is_torchao_subclass, to_plain
+from fp8lab.precision.plain import is_torchao_subclass, to_plain
 from fp8lab.precision.recipes import Recipe
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -98,7 +98,8 @@ def converted_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The linears a recipe converted: Float8Linear, or nn.Linear with a TorchAO weight."""
     out = {}
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "Float8Linear" or (isinstance(mod, nn.Linear) and _is_torchao_subclass(mod.weight.data)):
+        mx = isinstance(mod, nn.Linear) and is_torchao_subclass(mod.weight.data)  # MXFP8 wraps the weight
+        if type(mod).__name__ == "Float8Linear" or mx:
             out[name] = mod
     return out
 

@@ -13,48 +13,23 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
 
 from fp8lab.config import JobConfig
 from fp8lab.data import TokenLoader, embedded_dataset, eval_batches, open_dataset
+from fp8lab.env import device_memory_bytes, device_name, pick_device
 from fp8lab.errors import FP8LabError
-from fp8lab.models import ModelArgs, Transformer, flops_per_token, preset_args
+from fp8lab.models import ModelArgs, Transformer, flops_per_token, param_counts, preset_args
+from fp8lab.perf.layer_policy import layer_policy
 from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
-from fp8lab.precision.capability import device_name
+from fp8lab.precision.fsdp import check_fp8_gather_shapes
+from fp8lab.precision.support import resolve_compute_dtype, run_label
 from fp8lab.train.dist import SINGLE, DistEnv
 from fp8lab.train.dist import current as dist_current
 from fp8lab.train.optim import build_optimizer
 from fp8lab.train.rng import seed_everything
-
-CPU_FP8_FP32_NOTE = (
-    "FP8 recipes on CPU compute in fp32 (no bf16 autocast): TorchAO's Float8Linear follows "
-    "the CUDA autocast dtype, and emulated rowwise_with_gw_hp fails under CPU bf16 autocast"
-)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FP8LabError("train.device=cuda but torch sees no CUDA GPU; use --train.device=cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def resolve_compute_dtype(setting: str, *, low_precision: bool, device: torch.device) -> torch.dtype:
-    """bf16 autocast is the baseline; FP8 on CPU computes in fp32 (see CPU_FP8_FP32_NOTE)."""
-    if device.type == "cpu" and low_precision:
-        if setting == "bf16":
-            raise FP8LabError("precision.compute_dtype=bf16 with an FP8 recipe is not supported on CPU "
-                              "(TorchAO's emulation fails under CPU bf16 autocast); use auto or fp32")
-        return torch.float32
-    if setting == "fp32":
-        return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FP8LabError(f"{device_name(device)} does not support bf16; use --precision.compute_dtype=fp32")
-    return torch.bfloat16
 
 
 def open_data(cfg: JobConfig):
@@ -85,12 +60,14 @@ def model_args_for(cfg: JobConfig, data_vocab: int) -> ModelArgs:
 
 
 @dataclass
-class Built:
+class RunParts:
+    """What a run trains with, built from its config by `build`."""
     device: torch.device
     model: nn.Module  # converted; with compile on, each block is compiled in place (names unchanged)
     optimizer: torch.optim.Optimizer
     report: ConversionReport
     compute_dtype: torch.dtype
+    label: str  # what runs, in words: the recipe, or "fp32 (bf16 recipe ...)" where bf16 autocast does not
     model_args: ModelArgs
     dataset: object
     loader: TokenLoader
@@ -99,7 +76,6 @@ class Built:
     compiled: bool
     notes: list[str]
     dist: DistEnv = SINGLE  # the rank, with parallel.data_parallel=fsdp
-    float8_all_gather: bool = False  # refresh the FP8 scales after each optimizer step
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -107,7 +83,7 @@ class Built:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
 
-def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
+def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
     """Everything a run needs from `cfg`; `extra_skip` adds layers to keep in bf16 (the
     guard's per-layer fallback)."""
     if cfg.train.threads:
@@ -123,10 +99,9 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
     torch.use_deterministic_algorithms(deterministic)
     recipe = get_recipe(cfg.precision.recipe)
     notes: list[str] = []
-    compute_dtype = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,
-                                          device=device)
-    if device.type == "cpu" and recipe.is_low_precision:
-        notes.append(CPU_FP8_FP32_NOTE)
+    compute_dtype, why = resolve_compute_dtype(cfg.precision.compute_dtype, low_precision=recipe.is_low_precision,
+                                               device=device)
+    notes += [why] if why else []
 
     ds = open_data(cfg)
     args = model_args_for(cfg, ds.vocab_size)
@@ -142,14 +117,23 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
     held_out = [(x[env.rank::env.world_size], y[env.rank::env.world_size])
                 for x, y in eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size * env.world_size,
                                          num_batches=cfg.train.eval_batches)]
+    if len(held_out) < cfg.train.eval_batches:
+        notes.append(f"the validation split of {ds.path} holds {len(ds.split('val'))} sequences: "
+                     f"{len(held_out)} eval batch(es) of {cfg.data.micro_batch_size * env.world_size} instead of "
+                     f"train.eval_batches={cfg.train.eval_batches}; the eval loss is noisier (prepare with a larger "
+                     "--val-fraction, or lower train.eval_batches)")
 
+    check_fits(args, device, shards=env.world_size if cfg.parallel.data_parallel == "fsdp" else 1)
     seed_everything(cfg.train.seed)
     with torch.device(device):
         model = Transformer(args)
+    mode = cfg.precision.filter_mode
+    # auto / roofline: the perf layer decides per shape (timed here, or predicted), the converter applies it.
+    policy = layer_policy(recipe, mode=mode, device=device, filter_gpu=cfg.precision.filter_gpu,
+                          tokens=cfg.data.micro_batch_size * cfg.data.seq_len) if mode in ("auto", "roofline") else None
     report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
-                     skip_modules=[*cfg.precision.skip_modules, *extra_skip], filter_mode=cfg.precision.filter_mode,
-                     filter_gpu=cfg.precision.filter_gpu,
-                     filter_tokens=cfg.data.micro_batch_size * cfg.data.seq_len,
+                     skip_modules=[*cfg.precision.skip_modules, *extra_skip],
+                     filter_mode="all" if policy else mode, filter_fn=policy,
                      fsdp_float8_all_gather=cfg.parallel.float8_all_gather)
     if report.emulated:
         notes.append(EMULATION_NOTE)
@@ -162,24 +146,32 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> Built:
             block.compile(dynamic=False)
     if cfg.parallel.data_parallel == "fsdp":
         if cfg.parallel.float8_all_gather:
-            _check_fp8_gather_shapes(model, report, env.world_size)
+            check_fp8_gather_shapes(model, report, env.world_size)
         shard(model, env, device=device, compute_dtype=compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
-    return Built(device=device, model=model, optimizer=optimizer, report=report,
-                 compute_dtype=compute_dtype, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
-                 flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes,
-                 dist=env, float8_all_gather=cfg.parallel.float8_all_gather)
+    return RunParts(device=device, model=model, optimizer=optimizer, report=report,
+                    compute_dtype=compute_dtype, label=run_label(recipe, compute_dtype, device), model_args=args,
+                    dataset=ds, loader=loader, eval_batches=held_out,
+                    flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env)
 
 
-def _check_fp8_gather_shapes(model: nn.Module, report: ConversionReport, world_size: int) -> None:
-    """TorchAO 0.18's FP8 all-gather does not pad uneven shards (pytorch/ao#3982): on gloo the
-    gather fails, on NCCL it can hang. Refuse up front, naming the layer."""
-    for c in report.converted:
-        rows = model.get_submodule(c["name"]).weight.shape[0]
-        if rows % world_size:
-            raise FP8LabError(f"parallel.float8_all_gather: {c['name']} has {rows} output rows, not a multiple of "
-                              f"the {world_size} ranks, and TorchAO's FP8 all-gather cannot shard it unevenly; "
-                              f"use a rank count that divides {rows}, or --parallel.float8_all_gather=false")
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
+
+
+def check_fits(args: ModelArgs, device: torch.device, *, shards: int = 1) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and optimizer state
+    alone exceed the device's memory (a typo such as model.dim=1000000 would otherwise end in an
+    allocator error or the OOM killer)."""
+    have = device_memory_bytes(device)
+    n = param_counts(args).total
+    need = n * TRAINING_BYTES_PER_PARAM / shards
+    if have is not None and need > have:
+        where = device_name(device) if device.type == "cuda" else "this machine's RAM"
+        raise FP8LabError(f"the model (dim {args.dim:,}, {args.n_layers:,} layers, vocabulary {args.vocab_size:,}) has "
+                          f"{n / 1e9:,.2f}B "
+                          f"parameters: their fp32 weights, gradients and AdamW state alone need {need / 1e9:,.1f} GB "
+                          f"per {'rank' if shards > 1 else 'device'}, more than the {have / 1e9:,.1f} GB of {where}; "
+                          "choose a smaller model (model.preset, model.dim, model.n_layers, model.vocab_size)")
 
 
 def shard(model: nn.Module, env: DistEnv, *, device: torch.device, compute_dtype: torch.dtype) -> None:

@@ -39,8 +39,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from fp8lab.errors import FP8LabError
 from fp8lab.data.shards import sha256_file
+from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import fsync_dir, write_durable
 from fp8lab.precision.convert import to_plain
 from fp8lab.train.dist import barrier, broadcast
@@ -180,25 +180,43 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: to
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    with _quiet_single_process():
-        dcp.save(tensor_state(model, optimizer), storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
-    kill_point("ckpt-after-dcp", step)
-    barrier()  # every rank's shards are on disk
+    tensors = tensor_state(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.save(tensors, storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
+        kill_point("ckpt-after-dcp", step)
+        barrier()  # every rank's shards are on disk
+        if env.main:
+            write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+            kill_point("ckpt-after-state", step)
+            fsync_dir(tmp / "dcp")
+            write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
+            kill_point("ckpt-after-manifest", step)
+            write_durable(tmp / MARKER, f"{step}\n")
+            fsync_dir(tmp)
+            kill_point("ckpt-after-marker", step)
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, inside DCP or out
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(e, final, tensors, run_dir) from None
     if env.main:
-        write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
-        kill_point("ckpt-after-state", step)
-        fsync_dir(tmp / "dcp")
-        write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
-        kill_point("ckpt-after-manifest", step)
-        write_durable(tmp / MARKER, f"{step}\n")
-        fsync_dir(tmp)
-        kill_point("ckpt-after-marker", step)
         os.rename(tmp, final)
         fsync_dir(root)
         kill_point("ckpt-after-rename", step)
         prune(run_dir, keep=keep, protect=protect)
     barrier()
     return final
+
+
+def _write_failed(e: BaseException, final: Path, tensors: dict[str, torch.Tensor], run_dir: Path) -> FP8LabError:
+    """One line for a checkpoint that could not be written: where, why, about how many bytes it
+    needs, and that the run resumes from the newest complete checkpoint once there is room."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    done = list_complete(run_dir)
+    keep = (f"the newest complete checkpoint, {done[-1][1].name}, is intact" if done
+            else "no checkpoint was complete yet")
+    return FP8LabError(f"could not write checkpoint {final}: {_cause(e)}; it needs about {need:,} bytes "
+                       f"({need / 1e9:.2f} GB) on that disk; {keep}: free space there and run the same command "
+                       "again to resume")
 
 
 def remove_stale(run_dir: Path) -> list[str]:
@@ -296,15 +314,33 @@ def quarantine(path: Path) -> Path:
     return target
 
 
+class DamagedCheckpoint(FP8LabError):
+    """A checkpoint whose files verify against its manifest but whose content does not load (a
+    manifest rewritten to match damage, or a bug): resume passes over it to an older one."""
+
+
+# What resuming reads from state.json, and the type each must have.
+_STATE_FIELDS = {"step": int, "rng": dict, "data": dict}
+
+
 def read_state(path: Path) -> dict:
-    """A checkpoint's state.json; a missing marker or unreadable JSON is an FP8LabError."""
+    """A checkpoint's state.json; a missing marker is an FP8LabError, unreadable or malformed
+    content a DamagedCheckpoint."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FP8LabError(f"checkpoint {path} is incomplete (no {MARKER} marker); it was interrupted while being written")
     try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FP8LabError(f"checkpoint {path}: state.json is unreadable ({e})") from None
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {path}: state.json is unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"checkpoint {path}: state.json holds a {type(state).__name__}, not a checkpoint state")
+    for key, kind in _STATE_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "step" and value < 0):
+            raise DamagedCheckpoint(f"checkpoint {path}: state.json has {key}={value!r}; expected a "
+                                    f"{'non-negative int' if key == 'step' else kind.__name__}")
+    return state
 
 
 def _cause(e: BaseException) -> str:
@@ -324,10 +360,14 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
     reader = SafeFileSystemReader(Path(path) / "dcp")
     try:
         # Read the metadata ourselves first: DCP would swallow a refused pickle and retry
-        # a per-rank file, hiding the reason.
-        reader.read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise FP8LabError(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)})") from None
+        # a per-rank file, hiding the reason. A crafted pickle may fail in many ways.
+        metadata = reader.read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise DamagedCheckpoint(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)})") from None
+    if optimizer is not None and not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
+        # Step 0 (a rollback to the start saves it again) has no optimizer state: nothing has
+        # stepped yet, and a fresh optimizer is exactly what training from step 0 starts with.
+        optimizer = None
     if optimizer is not None:
         init_optimizer_state(optimizer)
     targets = tensor_state(model, optimizer)
@@ -336,7 +376,7 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
             dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         # CheckpointException derives from BaseException: `except Exception` would miss it.
-        raise FP8LabError(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
+        raise DamagedCheckpoint(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

@@ -1,5 +1,6 @@
-"""The run directory: what it holds, and the rules for resuming into it.
+"""The run directory: what it holds, who may write it, and the rules for resuming into it.
 
+RUN/.lock            held by the one trainer writing RUN (its PID and command line inside)
 RUN/config.toml      the resolved config (written at start, updated on resume)
 RUN/checkpoints/     see checkpoint.py
 RUN/*.jsonl          see logs.py
@@ -15,18 +16,64 @@ from pathlib import Path
 from fp8lab.config import JobConfig, config_from_dict
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
-from fp8lab.train.checkpoint import newest_verified, read_state
+from fp8lab.lock import DirLock
+from fp8lab.train.checkpoint import DamagedCheckpoint, newest_verified, read_state
 from fp8lab.train.schedule import lr_at
 
 # Keys that may change when a run is resumed: how long, how often to log, evaluate and
 # save, how hard to check the data, how many CPU threads (bitwise repeatability needs the
 # same count, but the run is the same run), the guard's thresholds (a run the guard stopped
 # is resumed with a looser or stricter guard), and the fault drills (debug.*), which exist
-# to be switched on for one attempt, and the loss chunking (a memory knob: the same loss up
-# to summation order). Anything else changes what is being trained, so it is a different run.
+# to be switched on for one attempt, the loss chunking (a memory knob: the same loss up
+# to summation order), and which signals stop it. Anything else changes what is being
+# trained, so it is a different run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "train.loss_chunk_tokens", "checkpoint.interval",
-                      "checkpoint.keep", "logging.",
-                      "debug.", "data.verify", "train.threads", "guard.")
+                      "checkpoint.keep", "logging.", "debug.", "data.verify", "train.threads", "guard.",
+                      "train.stop_signals")
+
+
+LOCK_NAME = ".lock"
+
+
+class RunDirLock:
+    """The run directory's lock: a second trainer on the same RUN is refused at once, naming the
+    process that holds it, before it reads or writes anything there. A new RUN is created to
+    hold the lock and removed again if the trainer fails before writing anything into it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FP8LabError(f"run directory {self.run_dir} is a file; choose a new --run-dir")
+        self.created = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FP8LabError(f"cannot create run directory {self.run_dir}: {e.strerror or e}; "
+                              "choose a --run-dir you can write to") from None
+        self.lock = DirLock(self.run_dir / LOCK_NAME, what=f"run directory {self.run_dir}")
+        try:
+            self.lock.acquire()
+        except FP8LabError:
+            self._remove_if_created()
+            raise
+
+    def release(self, *, failed: bool = False) -> None:
+        """Drop the lock; after a failed start, remove the RUN this lock created if still empty."""
+        self.lock.release()
+        if failed:
+            self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self.created:
+            try:
+                self.run_dir.rmdir()  # only if empty: never a file a run wrote
+            except OSError:
+                pass
+
+
+def running_holder(run_dir: Path):
+    """The lock's Holder when a live process holds RUN's lock now, else None."""
+    return DirLock(Path(run_dir) / LOCK_NAME).probe()
 
 
 def _load_saved(path: Path) -> JobConfig:
@@ -36,11 +83,13 @@ def _load_saved(path: Path) -> JobConfig:
         raise FP8LabError(f"{path} is not valid TOML ({e}); this run directory is damaged") from None
 
 
-def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
+def check_run_dir(run_dir: Path, cfg: JobConfig, *, allow_recipe_change: bool = False,
+                  ) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
     """Check, without writing anything, that `cfg` may start a new run in `run_dir` or
     resume the run already there.
 
-    Returns the config to run with (a checkpoint's recipe wins over the command line),
+    Returns the config to run with (a checkpoint's recipe wins over the command line, unless
+    `allow_recipe_change`: then the command line's recipe trains from the checkpoint on),
     the checkpoint to resume from (if any), and messages for the console.
     """
     run_dir = Path(run_dir)
@@ -48,19 +97,29 @@ def check_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, 
         raise FP8LabError(f"run directory {run_dir} is a file; choose a new --run-dir")
     config_path = run_dir / "config.toml"
     if not config_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             raise FP8LabError(f"run directory {run_dir} is not empty and holds no fp8lab run (no config.toml); "
                               "choose a new --run-dir")
         return cfg, None, []
 
     saved = _load_saved(config_path)
+    ckpts = run_dir / "checkpoints"
+    if ckpts.exists() and not ckpts.is_dir():
+        raise FP8LabError(f"{ckpts} is a file, where this run keeps its checkpoints; move it out of {run_dir} "
+                          "and run again")
     newest, damaged = newest_verified(run_dir)
     messages = [f"checkpoint {p} is damaged ({why}); passed over" for p, why in damaged]
-    if newest is not None:
-        ckpt_recipe = read_state(newest[1]).get("recipe", saved.precision.recipe)
+    if allow_recipe_change:  # the trainer records the change as an event (old and new recipe)
+        saved = with_recipe(saved, cfg.precision.recipe)
+    elif newest is not None:
+        try:
+            ckpt_recipe = read_state(newest[1]).get("recipe", saved.precision.recipe)
+        except DamagedCheckpoint:  # the trainer passes over it to an older one, and says so
+            ckpt_recipe = saved.precision.recipe
         if cfg.precision.recipe != ckpt_recipe:
             messages.append(f"precision.recipe={cfg.precision.recipe} ignored: the checkpoint at step "
-                            f"{newest[0]} was trained with {ckpt_recipe}, which wins on resume")
+                            f"{newest[0]} was trained with {ckpt_recipe}, which wins on resume; pass "
+                            f"--allow-recipe-change to train with {cfg.precision.recipe} from here")
         cfg, saved = with_recipe(cfg, ckpt_recipe), with_recipe(saved, ckpt_recipe)
     now, before = cfg.flat(), saved.flat()
     changed = [k for k in now if now[k] != before[k]]
@@ -97,8 +156,9 @@ def write_run_config(run_dir: Path, cfg: JobConfig) -> None:
     atomic_write(Path(run_dir) / "config.toml", cfg.to_toml())
 
 
-def prepare_run_dir(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
+def prepare_run_dir(run_dir: Path, cfg: JobConfig, *, allow_recipe_change: bool = False,
+                    ) -> tuple[JobConfig, tuple[int, Path] | None, list[str]]:
     """check_run_dir, then write_run_config."""
-    cfg, resume, messages = check_run_dir(run_dir, cfg)
+    cfg, resume, messages = check_run_dir(run_dir, cfg, allow_recipe_change=allow_recipe_change)
     write_run_config(run_dir, cfg)
     return cfg, resume, messages

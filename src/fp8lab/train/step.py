@@ -8,7 +8,6 @@ device-to-host transfer carries the loss and the gradient norm; nothing else syn
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
-from fp8lab.train.build import Built
+from fp8lab.precision.fsdp import post_optimizer_hook
+from fp8lab.train.build import RunParts
 from fp8lab.train.schedule import lr_at
 
 
@@ -29,19 +29,12 @@ class StepResult:
     grad_norm: float
     lr: float
     stepped: bool  # False: a non-finite loss or norm skipped the optimizer step
+    stop: bool = False  # a stop signal reached this process, or (under torchrun) any rank
 
 
 def finite_or_none(x: float) -> float | None:
     """x, or None when it is NaN or infinite (JSON has neither)."""
     return x if math.isfinite(x) else None
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: torch's peak allocated on `device`. CPU: the process's peak resident set
-    (ru_maxrss, KiB on Linux), Python and torch included."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
@@ -79,64 +72,53 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
-def refresh_fp8_gather_scales(b: Built) -> None:
-    """With FP8 all-gather, compute every weight's scale once, from its current values (one
-    all-reduce of the amaxes), instead of per weight per gather: after each optimizer step,
-    and whenever weights were (re)loaded."""
-    if b.float8_all_gather:
-        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-
-        precompute_float8_dynamic_scale_for_fsdp(b.model)
-
-
-def fp8_gathered_weights(model: torch.nn.Module) -> int:
-    """How many parameters FSDP2 gathers in FP8 (shards around TorchAO's weight wrapper)."""
-    return sum(type(getattr(p, "_local_tensor", None)).__name__ == "WeightWithDynamicFloat8CastTensor"
-               for p in model.parameters())
-
-
-def train_step(b: Built, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-               drill: float = 1.0) -> StepResult:
-    """One optimizer step on `batches` (host tensors). `drill` multiplies the first
+def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+               drill: float = 1.0, stop_requested: bool = False) -> StepResult:
+    """One optimizer step of `parts` on `batches` (host tensors). `drill` multiplies the first
     micro-batch's loss (fault drills: NaN, or a spike factor), so the real backward and
-    guard paths see it."""
+    guard paths see it. `stop_requested`: this process was asked to stop (preempt.py); under
+    torchrun the request rides on the loss all-reduce, so every rank learns it at this step."""
     # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
     # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
     n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
     scale = None
-    if b.dist.active:
+    if parts.dist.active:
         # Over ranks, by the tokens of *all* ranks' batches (padding makes them differ): FSDP2
         # averages the gradients over the ranks, hence the factor world_size. The count stays on
         # the device, so this adds a collective, not a host sync.
-        n_all = torch.tensor(float(n_tokens), device=b.device, dtype=torch.float64)
+        n_all = torch.tensor(float(n_tokens), device=parts.device, dtype=torch.float64)
         dist.all_reduce(n_all)
-        scale = (b.dist.world_size / n_all).float()
-    loss_sum = torch.zeros((), device=b.device)
+        scale = (parts.dist.world_size / n_all).float()
+    loss_sum = torch.zeros((), device=parts.device)
     for i, (x, y) in enumerate(batches):
-        x, y = to_device(x, b.device), to_device(y, b.device)
-        with b.autocast():
-            loss = model_loss(b.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens)
+        x, y = to_device(x, parts.device), to_device(y, parts.device)
+        with parts.autocast():
+            loss = model_loss(parts.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens)
             loss = loss / n_tokens if scale is None else loss * scale
         if i == 0 and drill != 1.0:
             loss = loss * drill
         loss.backward()
         loss_sum += loss.detach()
     max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure without clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), max_norm, foreach=True)
-    if b.dist.active:
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), max_norm, foreach=True)
+    stops = []
+    if parts.dist.active:
         # Sharded gradients give a DTensor norm (reduced over the ranks); each rank's loss is its
         # share x world_size, so the mean over ranks is the loss of the global batch, the same
-        # number on every rank, for every rank's guard.
+        # number on every rank, for every rank's guard. The same collective counts the ranks
+        # asked to stop.
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-        loss_sum = loss_sum / b.dist.world_size
-    loss_val, norm_val = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()  # the one sync
+        both = torch.stack([loss_sum, torch.full((), float(stop_requested), device=parts.device)])
+        dist.all_reduce(both)  # SUM: gloo has no AVG
+        loss_sum, stops = both[0] / parts.dist.world_size, [both[1]]
+    loss_val, norm_val, *stop = torch.stack([loss_sum, grad_norm.to(loss_sum.device), *stops]).tolist()  # the one sync
     lr = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
     stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
     if stepped:
-        for group in b.optimizer.param_groups:
+        for group in parts.optimizer.param_groups:
             group["lr"] = lr
-        b.optimizer.step()
-        refresh_fp8_gather_scales(b)
-    b.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped)
+        parts.optimizer.step()
+        post_optimizer_hook(parts.model, parts.report)
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped,
+                      stop=stop[0] > 0 if stop else stop_requested)

@@ -1,43 +1,53 @@
 """The training loop: batches, the step (step.py), guard, log, eval, checkpoint. The one
 device-to-host transfer per step (in step.py) carries the loss and the gradient norm and
-serves the guard and the log. Rollbacks live in recovery.py."""
+serves the guard and the log. On an alarm, rollback.py plans and the trainer applies."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
-from fp8lab.bench.gpus import bf16_peak_tflops
-from fp8lab.bench.measure import stack_versions
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
 from fp8lab.data.shards import sha256_file
+from fp8lab.env import device_name, peak_memory_gb, stack_versions
 from fp8lab.errors import FP8LabError
-from fp8lab.fsutil import atomic_write
-from fp8lab.precision import telemetry
-from fp8lab.precision.capability import EMULATION_NOTE, device_name
-from fp8lab.train.build import Built, build
+from fp8lab.fsutil import atomic_write, os_error
+from fp8lab.gpus import mfu_peak_tflops
+from fp8lab.precision import get_recipe, post_optimizer_hook, telemetry
+from fp8lab.precision.fsdp import fp8_gathered_weights
+from fp8lab.precision.support import EMULATION_NOTE
+from fp8lab.train import dist
+from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
-    list_complete, load_tensors, newest_verified, quarantine, read_state, remove_stale, save_checkpoint,
+    DamagedCheckpoint,
+    delete_after,
+    list_complete,
+    load_tensors,
+    newest_verified,
+    quarantine,
+    read_state,
+    remove_stale,
+    save_checkpoint,
+    verify_checkpoint,
 )
-from fp8lab.train.console import TrainProgress, console, setup_logging
 from fp8lab.train.faults import kill_point
 from fp8lab.train.fingerprint import batch_crc, weights_digest
-from fp8lab.train import dist
-from fp8lab.train.guard import Guard
-from fp8lab.train.logs import NullLogs, RunLogs, TensorBoardWriter, read_jsonl
-from fp8lab.train.recovery import GuardStopped, Recovery
+from fp8lab.train.guard import Alarm, Guard
+from fp8lab.train.logs import NullLogs, RunLogs, TensorBoardWriter, WandbWriter, read_jsonl
+from fp8lab.train.preempt import Preempted, StopRequest
 from fp8lab.train.rng import capture_rng, restore_rng
-from fp8lab.train.rundir import check_run_dir, write_run_config
-from fp8lab.train.step import (
-    StepResult, finite_or_none, fp8_gathered_weights, model_loss, peak_memory_gb, refresh_fp8_gather_scales,
-    to_device, token_loss, train_step,
-)
+from fp8lab.train.rollback import GuardStopped, RollbackPlan, plan_rollback
+from fp8lab.train.rundir import RunDirLock, check_run_dir, with_recipe, write_run_config
+from fp8lab.train.step import StepResult, finite_or_none, model_loss, to_device, token_loss, train_step
+from fp8lab.ui import TrainProgress, console, setup_logging
 
 
 def data_fingerprint(dataset) -> str:
@@ -46,60 +56,122 @@ def data_fingerprint(dataset) -> str:
     return sha256_file(Path(dataset.path) / "manifest.json")
 
 
-class Trainer(Recovery):
-    def __init__(self, cfg: JobConfig, run_dir: Path):
+class Trainer:
+    def __init__(self, cfg: JobConfig, run_dir: Path, *, allow_recipe_change: bool = False):
         setup_logging()
         self.run_dir = Path(run_dir)
         # Under torchrun with FSDP2 every rank runs this; rank 0 alone writes files and prints.
         self.env = dist.init(cfg.parallel.data_parallel, cfg.train.device)
-        self.cfg, resume, messages = check_run_dir(self.run_dir, cfg)
+        # One trainer per run directory, decided before anything there is read.
+        self.lock = RunDirLock(self.run_dir) if self.env.main else None
+        try:
+            self._open(cfg, allow_recipe_change=allow_recipe_change)
+        except OSError as e:  # a full disk, a read-only file system
+            self.close(failed=True)
+            raise _io_error(e, self.run_dir) from None
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def close(self, *, failed: bool = False) -> None:
+        """Let go of the run directory (run() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release(failed=failed)
+
+    def _open(self, cfg: JobConfig, *, allow_recipe_change: bool) -> None:
+        self.cfg, resume, messages = check_run_dir(self.run_dir, cfg, allow_recipe_change=allow_recipe_change)
         dist.barrier()  # every rank has read the run directory before rank 0 writes to it
-        state = read_state(resume[1]) if resume is not None else {}
-        # Guard state that shapes the model and the data order (see recovery.py).
-        self.bf16_layers: list[str] = state.get("bf16_layers", [])
-        self.skip_windows: list[list[int]] = state.get("skip_windows", [])
-        self.recipe_history: list[dict] = state.get("recipe_history", [])
         # Bad data, device, recipe or a missing extra fail here, before the run dir is touched.
         if self.cfg.logging.tensorboard:
             TensorBoardWriter.check_available()
-        self.b: Built = build(self.cfg, extra_skip=self.bf16_layers)
-        self.guard = Guard(self.cfg.guard)
-        self.step = 0
-        self.skipped_steps = 0
-        if resume is not None:
-            self._restore(resume[1], state)
-        refresh_fp8_gather_scales(self.b)  # the first step's FP8 gathers use precomputed scales too
+        if self.cfg.logging.wandb:
+            WandbWriter.check_available()
+        self.stop = StopRequest(self.cfg.train.stop_signals, on_first=self._say_stopping)
+        state, passed_over = self._resume(resume, keep_recipe=allow_recipe_change)
+        post_optimizer_hook(self.parts.model, self.parts.report)  # the first FP8 gathers use precomputed scales too
         # Taken before the first step: what every recipe of a comparison must share.
-        self.init_digest: str | None = state.get("init_digest") if resume is not None else (
-            weights_digest(self.b.model) if self.cfg.logging.fingerprint else None)
+        self.init_digest: str | None = state.get("init_digest") if state else (
+            weights_digest(self.parts.model) if self.cfg.logging.fingerprint else None)
         removed, damaged = [], []
         if self.env.main:
+            removed = remove_stale(self.run_dir)  # first: it frees what a writer killed by a full disk left
             write_run_config(self.run_dir, self.cfg)
-            removed = remove_stale(self.run_dir)
             _, damaged = newest_verified(self.run_dir)
         dist.barrier()
         self.tokens_per_step = self.cfg.tokens_per_step * self.env.world_size  # over all ranks
-        dev = self.b.device
-        self.peak_tflops = bf16_peak_tflops(device_name(dev)) if dev.type == "cuda" else None
-        self.logs = RunLogs(self.run_dir, resume_step=self.step if resume else None,
-                            tensorboard=self.cfg.logging.tensorboard) if self.env.main else NullLogs()
+        wandb = {"project": self.cfg.logging.wandb_project, "config": self.cfg.to_dict()} \
+            if self.cfg.logging.wandb else None
+        self.logs = RunLogs(self.run_dir, resume_step=self.step if state else None,
+                            tensorboard=self.cfg.logging.tensorboard, wandb=wandb) if self.env.main else NullLogs()
         self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
         for m in messages:
             self.event("config", m)
+        for name, why in self.logs.dropped_lines():
+            self.event("damaged", f"{name}: {why}")
         for path, why in damaged:
             self.event("damaged", f"checkpoint {path.name} failed verification ({why}); moved to "
                                   f"{quarantine(path).name} and not used")
+        for path, why in passed_over:
+            self.event("damaged", f"checkpoint {path.name} verified but did not load ({why}); moved to "
+                                  f"{quarantine(path).name if self.env.main else path.name} and not used")
         if removed:
             self.event("cleanup", f"removed unfinished checkpoint folders left by a killed run: {', '.join(removed)}")
-        if resume is not None:
-            self.event("resume", f"resumed from {resume[1]} at step {self.step}")
+        if state:
+            self.event("resume", f"resumed from {self.resumed_from} at step {self.step}")
+            before = state.get("recipe", self.cfg.precision.recipe)
+            if before != self.cfg.precision.recipe:  # only with --allow-recipe-change
+                self.event("recipe-change", f"precision.recipe {before} -> {self.cfg.precision.recipe} from step "
+                                            f"{self.step} (--allow-recipe-change)", old=before,
+                           new=self.cfg.precision.recipe)
+
+    def _resume(self, resume: tuple[int, Path] | None, *, keep_recipe: bool) -> tuple[dict, list[tuple[Path, str]]]:
+        """Build the run's parts and load the newest checkpoint that loads into them (its state,
+        and the newer ones passed over with why). A checkpoint can verify and still not load (a
+        manifest rewritten to match damage): the one before it is tried, in one process; a run
+        with no loadable checkpoint is refused rather than restarted from step 0."""
+        self.step, self.skipped_steps, self.resumed_from = 0, 0, None
+        candidates = [] if resume is None else [(s, p) for s, p in reversed(list_complete(self.run_dir))
+                                                 if s <= resume[0] and verify_checkpoint(p) is None]
+        passed_over: list[tuple[Path, str]] = []
+        for _, path in candidates:
+            try:
+                state = read_state(path)
+                if not keep_recipe and state.get("recipe"):  # an older checkpoint may hold another recipe
+                    self.cfg = with_recipe(self.cfg, state["recipe"])
+                self._set_guard_state(state)
+                self.parts = build(self.cfg, extra_skip=self.bf16_layers)
+                self._restore(path, state)
+            except DamagedCheckpoint as e:
+                if self.env.active:  # ranks cannot agree on a fallback yet: say what to do
+                    raise DamagedCheckpoint(f"{e}; move {path} out of {self.run_dir / 'checkpoints'} to resume "
+                                            "from the one before") from None
+                passed_over.append((path, str(e)))
+                if getattr(self, "parts", None) is not None:
+                    self.parts.loader.close()
+                self.parts = None
+                continue
+            self.resumed_from = path
+            return state, passed_over
+        if passed_over:
+            raise DamagedCheckpoint(f"no checkpoint in {self.run_dir} loads: {passed_over[0][1]}; move the damaged "
+                                    "ones away (or start a new --run-dir)")
+        self._set_guard_state({})
+        self.parts = build(self.cfg, extra_skip=self.bf16_layers)
+        return {}, []
+
+    def _set_guard_state(self, state: dict) -> None:
+        """The guard's state that shapes the model and the data order (see rollback.py)."""
+        self.bf16_layers: list[str] = state.get("bf16_layers", [])
+        self.skip_windows: list[list[int]] = state.get("skip_windows", [])
+        self.recipe_history: list[dict] = state.get("recipe_history", [])
+        self.guard = Guard(self.cfg.guard)
 
     # -- state ------------------------------------------------------------------------
 
     def _restore(self, path: Path, state: dict) -> None:
         """Load a checkpoint into the built model, optimizer, loader, RNG and guard."""
         saved_args = state.get("model_args", {})
-        now = dataclasses.asdict(self.b.model_args)
+        now = dataclasses.asdict(self.parts.model_args)
         diff = [k for k in now if k in saved_args and saved_args[k] != now[k]]
         if diff:
             raise FP8LabError(f"checkpoint {path} has a different model shape: "
@@ -108,30 +180,34 @@ class Trainer(Recovery):
             raise FP8LabError(f"checkpoint {path} was written by {state.get('world_size', 1)} rank(s), this run has "
                               f"{self.env.world_size}: each rank's share of the data would change; resume with "
                               f"--nproc_per_node={state.get('world_size', 1)}")
-        if state.get("data_fingerprint") not in (None, data_fingerprint(self.b.dataset)):
-            raise FP8LabError(f"the data at {self.b.dataset.path} is not the data this run was trained on "
+        if state.get("data_fingerprint") not in (None, data_fingerprint(self.parts.dataset)):
+            raise FP8LabError(f"the data at {self.parts.dataset.path} is not the data this run was trained on "
                               f"(its manifest changed since {path}); point data.path at the original data "
                               "or start a new --run-dir")
-        load_tensors(path, model=self.b.model, optimizer=self.b.optimizer)
-        self.b.loader.load_state_dict(state["data"])
-        restore_rng(state["rng"])
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
+        load_tensors(path, model=self.parts.model, optimizer=self.parts.optimizer)
+        try:
+            self.parts.loader.load_state_dict(state["data"])
+            restore_rng(state["rng"])
+            if "guard" in state:
+                self.guard.load_state_dict(state["guard"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DamagedCheckpoint(f"checkpoint {path}: state.json does not restore "
+                                    f"({type(e).__name__}: {e})") from None
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
 
     def save(self, *, new_revision: bool = False) -> None:
         state = {
             "format": 1, "step": self.step, "recipe": self.cfg.precision.recipe,
-            "tokens": self.step * self.tokens_per_step, "data": self.b.loader.state_dict(),
-            "data_fingerprint": data_fingerprint(self.b.dataset), "rng": capture_rng(),
-            "model_args": dataclasses.asdict(self.b.model_args), "skipped_steps": self.skipped_steps,
+            "tokens": self.step * self.tokens_per_step, "data": self.parts.loader.state_dict(),
+            "data_fingerprint": data_fingerprint(self.parts.dataset), "rng": capture_rng(),
+            "model_args": dataclasses.asdict(self.parts.model_args), "skipped_steps": self.skipped_steps,
             "guard": self.guard.state_dict(), "bf16_layers": self.bf16_layers,
             "skip_windows": self.skip_windows, "recipe_history": self.recipe_history,
             "init_digest": self.init_digest, "world_size": self.env.world_size,
         }
         good = self.guard.last_good_step
-        save_checkpoint(self.run_dir, step=self.step, model=self.b.model, optimizer=self.b.optimizer,
+        save_checkpoint(self.run_dir, step=self.step, model=self.parts.model, optimizer=self.parts.optimizer,
                         state=state, keep=self.cfg.checkpoint.keep, protect=() if good is None else (good,),
                         new_revision=new_revision)
         self.ckpt_steps = [s for s, _ in list_complete(self.run_dir)]
@@ -146,7 +222,7 @@ class Trainer(Recovery):
 
     def _batch_index(self) -> int:
         """The loader's position as one number: micro-batches served since the run began."""
-        loader = self.b.loader
+        loader = self.parts.loader
         return loader.epoch * loader.batches_per_epoch + loader.position
 
     def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
@@ -155,41 +231,37 @@ class Trainer(Recovery):
         out, first = [], None
         while len(out) < self.cfg.train.grad_accum_steps:
             index = self._batch_index()
-            batch = self.b.loader.next_batch()
+            batch = self.parts.loader.next_batch()
             if any(start <= index < end for start, end in self.skip_windows):
                 continue
             first = index if first is None else first
             out.append(batch)
         return out, first
 
-    def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-                   drill: float = 1.0) -> StepResult:
-        return train_step(self.b, self.cfg, step, batches, drill=drill)
-
     @torch.no_grad()
     def evaluate(self) -> float:
-        b = self.b
+        parts = self.parts
         # On CPU, eval runs the compiled blocks eagerly: compiling the no-grad graph too
         # would cost more than the few eval batches save.
-        stance = "force_eager" if b.device.type == "cpu" else "default"
-        b.model.eval()
-        total, count = torch.zeros((), device=b.device), 0
+        stance = "force_eager" if parts.device.type == "cpu" else "default"
+        parts.model.eval()
+        total, count = torch.zeros((), device=parts.device), 0
         with torch.compiler.set_stance(stance):
-            for x, y in b.eval_batches:
+            for x, y in parts.eval_batches:
                 count += int((y != IGNORE_INDEX).sum())  # on the host copy: no device sync
-                x, y = to_device(x, b.device), to_device(y, b.device)
-                with b.autocast():
-                    total += model_loss(b.model, x, y, chunk_tokens=self.cfg.train.loss_chunk_tokens)
-        b.model.train()
+                x, y = to_device(x, parts.device), to_device(y, parts.device)
+                with parts.autocast():
+                    total += model_loss(parts.model, x, y, chunk_tokens=self.cfg.train.loss_chunk_tokens)
+        parts.model.train()
         if self.env.active:
             # Each rank evaluated its rows of the held-out batches: add them up. FSDP2 leaves the
             # root's weights gathered after a forward with no backward; shard them again.
             from torch.distributed.fsdp import FSDPModule
 
             # float64: a token count above 2**24 is not exact in float32.
-            both = torch.stack([total.double(), torch.tensor(float(count), device=b.device, dtype=torch.float64)])
+            both = torch.stack([total.double(), torch.tensor(float(count), device=parts.device, dtype=torch.float64)])
             torch.distributed.all_reduce(both)
-            for m in b.model.modules():
+            for m in parts.model.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
             total_all, count_all = both.tolist()
@@ -198,15 +270,13 @@ class Trainer(Recovery):
 
     def collect_telemetry(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
         """Per-layer FP8 cast statistics on `batch` (an extra pass; training is unaffected)."""
-        recipe = self.b.report.recipe
-        if recipe == "bf16" or not self.b.report.converted:
+        recipe = self.parts.report.recipe
+        if recipe == "bf16" or not self.parts.report.converted:
             return []
-        from fp8lab.precision.recipes import get_recipe
-
-        x, y = to_device(batch[0], self.b.device), to_device(batch[1], self.b.device)
-        return telemetry.collect(self.b.model, get_recipe(recipe), inputs=x,
+        x, y = to_device(batch[0], self.parts.device), to_device(batch[1], self.parts.device)
+        return telemetry.collect(self.parts.model, get_recipe(recipe), inputs=x,
                                  loss_fn=lambda logits: token_loss(logits, y, reduction="mean"),
-                                 autocast=self.b.autocast)
+                                 autocast=self.parts.autocast)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -222,46 +292,64 @@ class Trainer(Recovery):
         return 1.0
 
     def _header(self) -> None:
-        b, cfg = self.b, self.cfg
-        n_params = sum(p.numel() for p in b.model.parameters())
+        parts, cfg = self.parts, self.cfg
+        n_params = sum(p.numel() for p in parts.model.parameters())
         if not self.env.main:
             return
         if self.env.world_size > 1:
             console.print(f"FSDP2 over {self.env.world_size} ranks"
-                          + (", weights all-gathered in FP8" if b.float8_all_gather else ""))
+                          + (", weights all-gathered in FP8" if parts.report.fsdp_float8_all_gather else ""))
         console.print(
             f"[bold]fp8lab train[/] {self.run_dir}: {cfg.model.preset} ({n_params / 1e6:.1f}M params) "
-            f"on {device_name(b.device)}, recipe {cfg.precision.recipe}, "
-            f"compute {str(b.compute_dtype).removeprefix('torch.')}, compile {'on' if b.compiled else 'off'}, "
+            f"on {device_name(parts.device)}, recipe {parts.label}, "
+            f"compute {str(parts.compute_dtype).removeprefix('torch.')}, compile {'on' if parts.compiled else 'off'}, "
             f"{self.tokens_per_step:,} tokens/step"
         )
-        console.print(f"  {b.report.summary()}")
-        for note in b.notes:
+        console.print(f"  {parts.report.summary()}")
+        console.print("  config: " + "\n          ".join(escape(line) for line in cfg.compact()), style="dim")
+        for note in parts.notes:
             if note != EMULATION_NOTE:  # convert() already said it, loudly
                 console.print(f"  [yellow]note:[/] {note}")
 
+    def _mfu_peak(self) -> float | None:
+        """MFU's denominator for what trains now (a rollback may change the recipe); None on CPU."""
+        dev = self.parts.device
+        return mfu_peak_tflops(device_name(dev), get_recipe(self.cfg.precision.recipe).math) \
+            if dev.type == "cuda" else None
+
     def _record(self, step: int, r: StepResult, dt: float, batches, *, first_in_process: bool) -> dict:
         tps = self.tokens_per_step / dt  # all ranks together
-        tflops = self.b.flops_per_token * tps / self.env.world_size / 1e12  # per GPU, as the peak is
+        tflops = self.parts.flops_per_token * tps / self.env.world_size / 1e12  # per GPU, as the peak is
         rec = {
             "step": step, "loss": finite_or_none(r.loss), "lr": r.lr, "grad_norm": finite_or_none(r.grad_norm),
             "tokens": step * self.tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
-            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-            "mem_peak_gb": peak_memory_gb(self.b.device), "recipe": self.cfg.precision.recipe,
+            "mfu": tflops / peak if (peak := self._mfu_peak()) else None,
+            "mem_peak_gb": peak_memory_gb(self.parts.device), "recipe": self.cfg.precision.recipe,
             "data_crc": batch_crc(batches),
         }
         if first_in_process:
             rec["warmup"] = True  # includes compile and cold caches: left out of the median
+            # What computed, once per process (a resume or a rollback may change it).
+            rec["compute_dtype"], rec["label"] = _dtype_name(self.parts.compute_dtype), self.parts.label
         if not r.stepped:
             rec["skipped"] = "nonfinite"
         return rec
 
     def run(self) -> dict:
-        try:
-            return self._run()
-        except GuardStopped as stop:
-            self._finish(None, status="stopped-by-guard", reason=str(stop))
-            raise
+        with self.stop:  # SIGTERM and friends: save at the next step boundary, then stop (preempt.py)
+            try:
+                return self._run()
+            except GuardStopped as stop:
+                self._finish(None, status="stopped-by-guard", reason=str(stop))
+                raise
+            except Preempted:
+                self.logs.close()
+                self.parts.loader.close()
+                raise
+            except OSError as e:  # writing a log on a full disk, say (checkpoints say it themselves)
+                raise _io_error(e, self.run_dir) from None
+            finally:
+                self.close()
 
     def _run(self) -> dict:
         self._header()
@@ -271,7 +359,7 @@ class Trainer(Recovery):
                 if self.advance(progress):
                     self.event("stop", f"debug.stop_at_step={self.step}: stopping as if interrupted")
                     self.logs.close()
-                    self.b.loader.close()
+                    self.parts.loader.close()
                     return {"stopped_at": self.step}
         finally:
             progress.close()
@@ -299,7 +387,8 @@ class Trainer(Recovery):
         batches, first_index = self.next_batches()
         if cfg.logging.telemetry_interval and step % cfg.logging.telemetry_interval == 0:
             self.logs.layer_stats(step, self.collect_telemetry(batches[0]))
-        result = self.train_step(step, batches, drill=self._drill(first_index))
+        result = train_step(self.parts, self.cfg, step, batches, drill=self._drill(first_index),
+                            stop_requested=self.stop.requested)
         now = time.perf_counter()
         self.step = step
         rec = self._record(step, result, now - self._last, batches, first_in_process=step == self._first_step)
@@ -317,55 +406,158 @@ class Trainer(Recovery):
         self.logs.step(rec)
         progress.update(rec)
         kill_point("step-end", step)
+        # Under torchrun only the step's verdict counts (every rank has the same); alone, a signal
+        # that came after the step's start counts too.
+        stop = result.stop or (not self.env.active and self.stop.requested)
         if alarm is not None:
-            self.on_alarm(alarm)  # may roll back: self.step, self.b and self.cfg change
+            self.on_alarm(alarm)  # may roll back: self.step, self.parts and self.cfg change
             self.final_eval = None
             self._first_step = self.step + 1
             self._last = time.perf_counter()
+            if stop:
+                self._stop_here()
             return False
         self.guard.update_good(self.ckpt_steps, step)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
             self.save()
+        if stop and step < cfg.train.steps:  # the last step finishes the run instead
+            self._stop_here()
         self._last = time.perf_counter()  # eval and checkpoint time is not step time
         return step == cfg.debug.stop_at_step
 
+    def _stop_here(self) -> None:
+        """A stop signal: save where the run is (unless saved already) and stop, resumably."""
+        if self.step not in self.ckpt_steps:
+            self.save()
+        who = signal.Signals(self.stop.signum).name if self.stop.signum else "a stop signal to another rank"
+        msg = (f"{who}: stopped after step {self.step}, checkpoint saved in {self.run_dir / 'checkpoints'}; "
+               "run the same command to resume")
+        self.event("preempted", msg)
+        raise Preempted(msg)
+
+    def _say_stopping(self, signum: int) -> None:
+        if self.env.main:
+            console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step, then "
+                          "stopping (send it again to stop at once)[/]")
+
+    # -- rollback (planned in rollback.py, applied here) --------------------------------
+
+    def on_alarm(self, alarm: Alarm) -> None:
+        self.event("alarm", f"step {alarm.step}: {alarm.detail}", alarm=alarm.kind)
+        if not self.cfg.guard.rollback:
+            return
+        try:
+            plan = plan_rollback(
+                alarm, gcfg=self.cfg.guard, guard=self.guard, recipe=self.cfg.precision.recipe,
+                bf16_layers=self.bf16_layers, converted=[c["name"] for c in self.parts.report.converted],
+                batch_index=self._batch_index(), grad_accum=self.cfg.train.grad_accum_steps, index_at=self._index_at,
+                worst_layers=lambda: telemetry.worst_layers(self.collect_telemetry(self.parts.eval_batches[0])))
+        except GuardStopped as stop:
+            self.event("stop", str(stop))
+            raise
+        self.apply_rollback(plan)
+
+    def apply_rollback(self, plan: RollbackPlan) -> None:
+        """Return to `plan.target` under the plan's recipe and layers, never to train on the
+        skipped data again; the target is saved anew, so a crash resumes this timeline."""
+        if plan.skip:
+            self.skip_windows.append(list(plan.skip))
+        # Every rank plans alike (the guard sees the same averaged loss); rank 0 edits the files.
+        gone = delete_after(self.run_dir, plan.target) if self.env.main else []
+        dist.barrier()
+        self.cfg, self.bf16_layers = with_recipe(self.cfg, plan.recipe), plan.bf16_layers
+        self._rebuild_at(plan.target)
+        self.guard.rollbacks = plan.rollbacks
+        self.guard.rolled_back_to(plan.target)
+        self.recipe_history.append({"step": plan.alarm.step, "rolled_back_to": plan.target,
+                                    "reason": plan.alarm.detail, "recipe": plan.recipe,
+                                    "bf16_layers": list(plan.bf16_layers)})
+        self.logs.rewind(plan.target)
+        self.save(new_revision=any(s == plan.target for s, _ in list_complete(self.run_dir)))
+        if self.env.main:
+            # config.toml names the recipe now trained, once a checkpoint says so too: a kill
+            # before this point resumes (or restarts) the old timeline with the old command.
+            write_run_config(self.run_dir, self.cfg)
+        skipped = f"; skipped micro-batches {plan.skip[0]}..{plan.skip[1] - 1}" if plan.skip else ""
+        self.event("rollback", f"rolled back from step {plan.alarm.step} to step {plan.target}; {plan.change}"
+                               f"{skipped}; rollback {plan.rollbacks} of {self.cfg.guard.max_rollbacks}"
+                               + (f"; deleted abandoned checkpoints {', '.join(gone)}" if gone else ""),
+                   step=plan.alarm.step, recipe=plan.recipe, rolled_back_to=plan.target,
+                   skipped=list(plan.skip) if plan.skip else None, bf16_layers=plan.bf16_layers)
+
+    def _index_at(self, step: int) -> int:
+        """The loader position (in micro-batches) of the checkpoint at `step` (0 at the start)."""
+        if step == 0:
+            return 0
+        data = read_state(self._path_of(step))["data"]
+        return data["epoch"] * self.parts.loader.batches_per_epoch + data["position"]
+
+    def _path_of(self, step: int) -> Path:
+        paths = [p for s, p in list_complete(self.run_dir) if s == step]
+        if not paths:
+            raise FP8LabError(f"the last good checkpoint (step {step}) is missing from {self.run_dir}")
+        return paths[-1]
+
+    def _rebuild_at(self, step: int) -> None:
+        """Rebuild model and optimizer under the (new) recipe and load the target into them;
+        the rollback count, skip windows and history carry over."""
+        self.parts.loader.close()
+        self.parts = None  # the old model and optimizer are freed before the new ones take memory
+        self.parts = build(self.cfg, extra_skip=self.bf16_layers)
+        self.guard = Guard(self.cfg.guard)
+        self.step, self.skipped_steps = 0, 0
+        if step > 0:
+            path = self._path_of(step)
+            self._restore(path, read_state(path))
+        post_optimizer_hook(self.parts.model, self.parts.report)
+
     def _finish(self, final_eval: float | None, *, status: str, reason: str | None = None) -> dict:
-        cfg, b = self.cfg, self.b
+        cfg, parts = self.cfg, self.parts
         if not self.env.main:  # rank 0 writes the summary
-            self.b.loader.close()
+            self.parts.loader.close()
             return {"status": status, "steps": self.step, "final_eval_loss": final_eval}
         recs = read_jsonl(self.run_dir / "metrics.jsonl")
         timed = [r["tokens_per_s"] for r in recs if not r.get("warmup") and not r.get("skipped")]
         losses = [r["loss"] for r in recs if r["loss"] is not None]
         summary = {
-            "run_dir": str(self.run_dir), "status": status, "recipe": cfg.precision.recipe,
-            "emulated": b.report.emulated, "compute_dtype": str(b.compute_dtype).removeprefix("torch."),
-            "compiled": b.compiled, "device": device_name(b.device), "conversion": b.report.to_dict(),
+            "run_dir": str(self.run_dir), "status": status, "recipe": cfg.precision.recipe, "label": parts.label,
+            "emulated": parts.report.emulated, "compute_dtype": _dtype_name(parts.compute_dtype),
+            "compiled": parts.compiled, "device": device_name(parts.device), "conversion": parts.report.to_dict(),
             "steps": self.step, "skipped_steps": self.skipped_steps, "rollbacks": self.guard.rollbacks,
             "recipe_history": self.recipe_history, "bf16_layers": self.bf16_layers,
             "final_train_loss": losses[-1] if losses else None,
             "final_eval_loss": None if final_eval is None else finite_or_none(final_eval),
             "tokens_per_s_median": statistics.median(timed) if timed else None,
             "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
-            "params": sum(p.numel() for p in b.model.parameters()), "flops_per_token": b.flops_per_token,
-            "peak_bf16_tflops": self.peak_tflops, "notes": b.notes, "init_digest": self.init_digest,
+            "params": sum(p.numel() for p in parts.model.parameters()), "flops_per_token": parts.flops_per_token,
+            "mfu_peak_tflops": self._mfu_peak(), "notes": parts.notes, "init_digest": self.init_digest,
             "parallel": {"data_parallel": cfg.parallel.data_parallel, "world_size": self.env.world_size,
-                         "fp8_gathered_weights": fp8_gathered_weights(b.model)},
+                         "fp8_gathered_weights": fp8_gathered_weights(parts.model)},
             "versions": stack_versions(),
         }
         if reason:
             summary["reason"] = reason
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.logs.close()
-        self.b.loader.close()
+        self.parts.loader.close()
         if status == "completed":
             tps = summary["tokens_per_s_median"]
             console.print(f"[bold green]done[/] step {self.step}: train loss {summary['final_train_loss']}, "
                           f"eval loss {final_eval:.4f}, median {'-' if tps is None else f'{tps:,.0f}'} tok/s, "
-                          f"recipe {cfg.precision.recipe} -> {self.run_dir / 'summary.json'}")
+                          f"recipe {parts.label} -> {self.run_dir / 'summary.json'}")
         return summary
 
 
-def train(cfg: JobConfig, run_dir: Path) -> dict:
-    """Train (or resume) the run in `run_dir`; returns the summary."""
-    return Trainer(cfg, run_dir).run()
+def _io_error(e: OSError, run_dir: Path) -> FP8LabError:
+    return os_error(e, path=e.filename or run_dir, elsewhere="choose another --run-dir (the same command resumes "
+                                                           "from the newest complete checkpoint once it can write)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def train(cfg: JobConfig, run_dir: Path, *, allow_recipe_change: bool = False) -> dict:
+    """Train (or resume) the run in `run_dir`; returns the summary. `allow_recipe_change`: on
+    resume, train with cfg's recipe instead of the checkpoint's."""
+    return Trainer(cfg, run_dir, allow_recipe_change=allow_recipe_change).run()

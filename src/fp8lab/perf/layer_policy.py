@@ -1,25 +1,33 @@
-"""Which linears to convert, by measured or predicted speed (precision.filter_mode).
+"""Which linears to convert, by measured or predicted speed (precision.filter_mode auto and
+roofline): a layer policy the trainer hands to the converter as its `filter_fn`.
 
-* `roofline`: bench.roofline predicts each distinct (in, out) shape's forward + backward time
+* `roofline`: perf.roofline predicts each distinct (in, out) shape's forward + backward time
   in bf16 and under the recipe on a named GPU (`precision.filter_gpu`; "auto" = this device's
   GPU, or h100-sxm on CPU) at the micro-batch's token count; no timing.
 * `auto`: times each distinct shape on this GPU at start-up (bf16 vs the recipe, forward +
-  backward, compiled, CUDA events, warm-up, median; bench.measure), cached per GPU, torch
+  backward, compiled, CUDA events, warm-up, median; perf.measure), cached per GPU, torch
   version, recipe and shape. On CPU there is nothing to time: falls back to `roofline`,
   with a warning and in every reason string.
 
 A layer converts when the recipe wins by WIN_MARGIN; every decision carries its numbers in a
-reason string, which ConversionReport keeps (converted entries under "filter", skipped ones
-under "reason"), so the run's summary shows why.
+reason string, which the ConversionReport keeps (converted entries under "filter", skipped
+ones under "reason"), so the run's summary shows why.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
+from torch import nn
+
+from fp8lab.env import device_name
 from fp8lab.errors import FP8LabError
+from fp8lab.gpus import GPUS, get_gpu, gpu_id_of, lookup_gpu
+from fp8lab.perf.measure import cached_layer_times, load_measured_rates
+from fp8lab.perf.roofline import layer_speedup, rates_for, supports
+from fp8lab.precision.convert import LayerChoice
 from fp8lab.precision.recipes import Recipe
 
 log = logging.getLogger("fp8lab")
@@ -28,6 +36,8 @@ WIN_MARGIN = 1.05  # convert when the recipe is at least 5% faster: below that, 
 DEFAULT_TOKENS = 8192  # used when the caller does not say how many tokens a micro-batch holds
 CPU_FILTER_GPU = "h100-sxm"
 CPU_FILTER_GPU_MX = "b200"  # h100-sxm has no MXFP8: on CPU, mxfp8 is judged for a B200
+MODES = ("auto", "roofline")
+AUTO_ON_CPU = "precision.filter_mode=auto needs a GPU to time layers on; using the roofline prediction instead"
 
 
 @dataclass(frozen=True)
@@ -38,32 +48,27 @@ class Decision:
 
 
 def resolve_filter_gpu(filter_gpu: str, device, recipe: Recipe) -> tuple[str, str | None]:
-    """The bench.gpus id the roofline uses, and a note when it is not this device's GPU."""
-    from fp8lab.bench.gpus import GPUS, get_gpu
-
+    """The GPU table id the roofline uses, and a note when it is not this device's GPU."""
     if filter_gpu != "auto":
-        spec = get_gpu(filter_gpu)  # unknown names: FP8LabError listing the known ids
-        return next(k for k, v in GPUS.items() if v is spec), None
+        return gpu_id_of(get_gpu(filter_gpu)), None  # unknown names: FP8LabError listing the known ids
     if device.type != "cuda":
         gpu = CPU_FILTER_GPU_MX if recipe.kind == "mxfp8" else CPU_FILTER_GPU
         return gpu, f"no GPU here, {gpu} assumed: set precision.filter_gpu"
-    import torch
-
-    from fp8lab.bench.gpus import lookup_gpu
-
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     spec = lookup_gpu(name)
     if spec is None:
         raise FP8LabError(f"precision.filter_mode=roofline: {name} is not in fp8lab's GPU table; set "
                           f"precision.filter_gpu to the closest of: {', '.join(GPUS)}")
-    return next(k for k, v in GPUS.items() if v is spec), None
+    return gpu_id_of(spec), None
+
+
+def _verdict(text: str, speedup: float) -> Decision:
+    win = speedup >= WIN_MARGIN
+    return Decision(win, text if win else text + f", below {WIN_MARGIN}x", speedup)
 
 
 def _roofline(recipe: Recipe, shapes: list[tuple[int, int]], *, device, filter_gpu: str, tokens: int,
               prefix: str) -> dict[tuple[int, int], Decision]:
-    from fp8lab.bench.measure import load_measured_rates
-    from fp8lab.bench.roofline import layer_speedup, rates_for, supports
-
     gpu_id, note = resolve_filter_gpu(filter_gpu, device, recipe)
     rates = rates_for(gpu_id, measured=load_measured_rates(gpu_id))
     why = supports(recipe, rates)
@@ -71,35 +76,26 @@ def _roofline(recipe: Recipe, shapes: list[tuple[int, int]], *, device, filter_g
         raise FP8LabError(f"precision.filter_mode=roofline cannot judge {recipe.name}: {why}; "
                           "set precision.filter_gpu to a GPU that runs it")
     where = f"{gpu_id}, {rates.source} rates, {tokens} tokens" + (f"; {note}" if note else "")
-    out = {}
-    for k, n in shapes:
-        s = layer_speedup(tokens, k, n, recipe, rates)
-        verdict = f"{prefix}roofline ({where}): {recipe.name} {s:.2f}x of bf16"
-        out[(k, n)] = Decision(s >= WIN_MARGIN, verdict if s >= WIN_MARGIN else verdict + f", below {WIN_MARGIN}x", s)
-    return out
+    return {(k, n): _verdict(f"{prefix}roofline ({where}): {recipe.name} {s:.2f}x of bf16", s)
+            for k, n in shapes for s in [layer_speedup(tokens, k, n, recipe, rates)]}
 
 
 def _measured(recipe: Recipe, shapes: list[tuple[int, int]], *, device, tokens: int) -> dict[tuple[int, int], Decision]:
-    import torch
-
-    from fp8lab.bench.measure import cached_layer_times
-
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     out = {}
     for k, n in shapes:
         t = cached_layer_times(device, recipe.name, tokens, k, n)
         s = t["bf16_s"] / t["recipe_s"]
-        verdict = (f"measured on {name} ({tokens}x{k}x{n}, fwd+bwd, compiled): {recipe.name} {s:.2f}x of bf16 "
-                   f"({t['recipe_s'] * 1e3:.3f} vs {t['bf16_s'] * 1e3:.3f} ms)")
-        out[(k, n)] = Decision(s >= WIN_MARGIN, verdict if s >= WIN_MARGIN else verdict + f", below {WIN_MARGIN}x", s)
+        out[(k, n)] = _verdict(f"measured on {name} ({tokens}x{k}x{n}, fwd+bwd, compiled): {recipe.name} {s:.2f}x "
+                               f"of bf16 ({t['recipe_s'] * 1e3:.3f} vs {t['bf16_s'] * 1e3:.3f} ms)", s)
     return out
 
 
 def decide(recipe: Recipe, shapes: Iterable[tuple[int, int]], *, mode: str, device, filter_gpu: str = "auto",
-           tokens: int | None = None) -> dict[tuple[int, int], Decision]:
+           tokens: int | None = None, quiet: bool = False) -> dict[tuple[int, int], Decision]:
     """Convert or not, with a reason, for each distinct (in_features, out_features) shape."""
-    if mode not in ("auto", "roofline"):
-        raise ValueError(f"layer_filter.decide handles auto and roofline, not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"layer_policy.decide handles {' and '.join(MODES)}, not {mode!r}")
     shapes = sorted(set(shapes))
     prefix = ""
     if tokens is None:
@@ -108,6 +104,28 @@ def decide(recipe: Recipe, shapes: Iterable[tuple[int, int]], *, mode: str, devi
     if mode == "auto" and device.type == "cuda":
         return _measured(recipe, shapes, device=device, tokens=tokens)
     if mode == "auto":
-        log.warning("precision.filter_mode=auto needs a GPU to time layers on; using the roofline prediction instead")
+        if not quiet:
+            log.warning(AUTO_ON_CPU)
         prefix = "auto fell back to roofline (no GPU to time on); " + prefix
     return _roofline(recipe, shapes, device=device, filter_gpu=filter_gpu, tokens=tokens, prefix=prefix)
+
+
+def layer_policy(recipe: Recipe, *, mode: str, device, filter_gpu: str = "auto",
+                 tokens: int | None = None) -> Callable[[nn.Module, str], LayerChoice]:
+    """A `filter_fn` for `fp8lab.precision.convert`: each distinct linear shape is decided once
+    (timed or predicted) when the converter first asks about it."""
+    if mode not in MODES:
+        raise FP8LabError(f"precision.filter_mode={mode!r} is not a layer policy; choose one of: {', '.join(MODES)}")
+    if mode == "auto" and device.type != "cuda":
+        log.warning(AUTO_ON_CPU)
+    seen: dict[tuple[int, int], Decision] = {}
+
+    def filter_fn(module: nn.Module, fqn: str) -> LayerChoice:
+        shape = (module.in_features, module.out_features)
+        if shape not in seen:
+            seen.update(decide(recipe, [shape], mode=mode, device=device, filter_gpu=filter_gpu, tokens=tokens,
+                               quiet=True))
+        d = seen[shape]
+        return LayerChoice(d.convert, d.reason)
+
+    return filter_fn

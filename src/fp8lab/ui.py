@@ -1,5 +1,7 @@
-"""What the user sees while a run trains: a header, a progress bar with ETA (on a
-terminal) or a line every N steps (in logs), loud notes, and a closing table."""
+"""What the user sees: the console every command prints to (rich), the logger that routes
+library warnings to it, number formatting for table cells, the training progress bar with
+ETA (on a terminal) or a line every N steps (in logs), and the table of run summaries.
+A leaf: it knows nothing of training; callers hand it plain records."""
 
 from __future__ import annotations
 
@@ -60,20 +62,24 @@ class TrainProgress:
 
 
 def summary_table(summaries: list[dict], *, title: str = "fp8lab runs") -> Table:
-    """One row per run: the figures a BF16-vs-FP8 decision starts from."""
+    """One row per run: the figures a BF16-vs-FP8 decision starts from, and where each run
+    stands (finished, stopped-by-guard, running, stopped, killed)."""
     t = Table(title=title)
-    for col in ("run", "recipe", "steps", "train loss", "eval loss", "tok/s", "vs first", "peak mem GB",
+    for col in ("run", "recipe", "status", "steps", "train loss", "eval loss", "tok/s", "vs first", "peak mem GB",
                 "FP8 linears"):
-        t.add_column(col, justify="right" if col not in ("run", "recipe") else "left",
+        t.add_column(col, justify="right" if col not in ("run", "recipe", "status") else "left",
                      overflow="fold", no_wrap=col != "run")
     base = summaries[0].get("tokens_per_s_median") if summaries else None
     for s in summaries:
         tps = s.get("tokens_per_s_median")
         ratio = f"{tps / base:.2f}x" if tps and base else "-"
+        total = s.get("total_steps")
+        steps = f"{s['steps']}/{total}" if total and total != s["steps"] else str(s["steps"])
+        status = s.get("status", "finished") + (f" (pid {s['pid']})" if s.get("pid") else "")
         t.add_row(
-            s.get("run_dir", "-"), s["recipe"] + (" (emulated)" if s.get("emulated") else ""), str(s["steps"]),
-            fmt(s.get("final_train_loss"), ".4f"), fmt(s.get("final_eval_loss"), ".4f"),
+            s.get("run_dir", "-"), (s.get("label") or s["recipe"]) + (" (emulated)" if s.get("emulated") else ""),
+            status, steps, fmt(s.get("final_train_loss"), ".4f"), fmt(s.get("final_eval_loss"), ".4f"),
             fmt(tps, ",.0f"), ratio, fmt(s.get("mem_peak_gb"), ".2f"),
-            str(s["conversion"]["num_converted"]),
+            str(s["conversion"]["num_converted"]) if s.get("conversion") else "-",
         )
     return t

@@ -89,7 +89,7 @@ GPUS: dict[str, GPUSpec] = {
         # peak and what other tools use; consequence: measured BF16 MFU on a 5090 can exceed
         # 100%, and FP8 (per-tensor, FP32acc) gains little over BF16 while MXFP8 may double it.
         # The advisor uses ``alternatives`` for this card (ADVISOR_RATES says why), and the
-        # card's own measured rates once `fp8lab doctor` has run on it (bench/measure.py).
+        # card's own measured rates once `fp8lab doctor` has run on it (perf/measure.py).
         bf16_dense_tflops=209.5, fp8_fp32acc_tflops=419.0, fp8_fp16acc_tflops=838.0,
         mxfp8_tflops=419.0, mem_bandwidth_gbs=1792.0, mem_gb=32.0,
         sources={"compute_capability": CC_DOC, "bf16_dense_tflops": RTX_BW_WP,
@@ -249,7 +249,32 @@ def get_gpu(key: str) -> GPUSpec:
     return spec
 
 
-def bf16_peak_tflops(device_name: str) -> float | None:
-    """Dense BF16 (FP32 accumulate) peak for MFU, or None when the device is not in the table."""
+def gpu_id_of(spec: GPUSpec) -> str:
+    """The table id ("h100-sxm") of a spec from this table."""
+    return next(k for k, v in GPUS.items() if v is spec)
+
+
+# The math a recipe's converted matmuls run in (precision.Recipe.math), and the field with its peak.
+MATH_FIELDS = {"bf16": "bf16_dense_tflops", "fp8": "fp8_fp32acc_tflops", "mxfp8": "mxfp8_tflops"}
+
+
+def peak_tflops(spec: GPUSpec, math: str, *, source: str | None = None) -> float | None:
+    """The dense peak of `math` ("bf16", "fp8", "mxfp8") on `spec`: the vendor field, or with
+    source "microbench" its alternative where there is one; None: the GPU has no such math.
+    source None: the one `fp8lab advise` uses for this GPU (ADVISOR_RATES)."""
+    name = MATH_FIELDS[math]
+    value = getattr(spec, name)
+    if (source or ADVISOR_RATES[gpu_id_of(spec)]) == "microbench" and value is not None and name in spec.alternatives:
+        value = spec.alternatives[name][0]
+    return value
+
+
+def mfu_peak_tflops(device_name: str, math: str = "bf16") -> float | None:
+    """MFU's denominator on the GPU called `device_name`, for a run whose fastest matmuls are
+    `math`: the dense peak of that math, never below BF16's (everything unconverted runs in
+    bf16), taken from the same source as `fp8lab advise`'s rates, so a measured MFU and a
+    predicted one divide by the same number and neither can pass 100%. None: not in the table."""
     spec = lookup_gpu(device_name)
-    return spec.bf16_dense_tflops if spec else None
+    if spec is None:
+        return None
+    return max(p for p in (peak_tflops(spec, "bf16"), peak_tflops(spec, math)) if p is not None)

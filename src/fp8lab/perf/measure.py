@@ -13,26 +13,21 @@ emulation, not FP8 hardware.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from fp8lab.env import cache_dir, package_version, torch_version
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
+from fp8lab.gpus import GPUS, lookup_gpu
 
 RATES_FILE = "gpu_rates.json"
 LAYERS_FILE = "layer_timings.json"
 GEMM_SHAPE = (8192, 8192, 8192)  # M, K, N: large enough to approach peak on every GPU we know
 COPY_BYTES = 1 << 30
-
-
-def cache_dir() -> Path:
-    """$FP8LAB_CACHE, else ~/.cache/fp8lab (the same place the embedded corpus goes)."""
-    env = os.environ.get("FP8LAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fp8lab"
 
 
 def _read(name: str) -> dict:
@@ -52,45 +47,25 @@ def _write(name: str, data: dict) -> None:
     atomic_write(d / name, json.dumps(data, indent=1, sort_keys=True))
 
 
-def _torch_version() -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version("torch")
-    except md.PackageNotFoundError:
-        return "unknown"
-
-
-def stack_versions() -> dict:
-    """torch, torchao, Python and CUDA versions, as every summary and bench result records them."""
-    import importlib.metadata as md
-    import platform
-
-    import torch
-
-    try:
-        ao = md.version("torchao")
-    except md.PackageNotFoundError:
-        ao = None
-    return {"torch": torch.__version__, "torchao": ao, "python": platform.python_version(), "cuda": torch.version.cuda}
-
-
 def rates_key(device_name: str, torch_version: str) -> str:
     return f"{device_name} | torch {torch_version}"
 
 
 def load_measured_rates(gpu_id: str) -> dict | None:
-    """The newest cached measurement of GPU `gpu_id` (a bench.gpus id), preferring one made
+    """The newest cached measurement of GPU `gpu_id` (a fp8lab.gpus id), preferring one made
     with this torch version; None when the card was never measured."""
-    from fp8lab.bench.gpus import GPUS, lookup_gpu
-
     want = GPUS.get(gpu_id)
     entries = [e for e in _read(RATES_FILE).values()
                if isinstance(e, dict) and want is not None and lookup_gpu(e.get("device_name", "")) is want]
     if not entries:
         return None
-    same = [e for e in entries if e.get("torch") == _torch_version()]
+    same = [e for e in entries if e.get("torch") == torch_version()]
     return max(same or entries, key=lambda e: e.get("date", ""))
+
+
+def cached_rates(device_name: str) -> dict | None:
+    """The cached measurement of the GPU called `device_name` with this torch, if any."""
+    return _read(RATES_FILE).get(rates_key(device_name, torch_version()))
 
 
 def save_measured_rates(entry: dict) -> Path:
@@ -165,7 +140,7 @@ def measure_gpu_rates(device, *, shape: tuple[int, int, int] = GEMM_SHAPE, warmu
     torch.cuda.set_device(device)
     M, K, N = shape
     flops = 2.0 * M * K * N
-    out: dict = {"device_name": torch.cuda.get_device_name(device), "torch": _torch_version(),
+    out: dict = {"device_name": torch.cuda.get_device_name(device), "torch": torch_version(),
                  "cuda": torch.version.cuda, "capability": list(torch.cuda.get_device_capability(device)),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "shape_mkn": [M, K, N],
                  "method": f"random normal inputs, {warmup} warm-up + median of {iters} CUDA-event timings",
@@ -189,13 +164,8 @@ def measure_gpu_rates(device, *, shape: tuple[int, int, int] = GEMM_SHAPE, warmu
 
 
 def layer_key(device_name: str, recipe: str, m: int, k: int, n: int, compiled: bool) -> str:
-    import importlib.metadata as md
-
-    try:
-        ao = md.version("torchao")
-    except md.PackageNotFoundError:
-        ao = "none"
-    return f"{device_name} | torch {_torch_version()} | torchao {ao} | {recipe} | {m}x{k}x{n} | compile={compiled}"
+    ao = package_version("torchao") or "none"
+    return f"{device_name} | torch {torch_version()} | torchao {ao} | {recipe} | {m}x{k}x{n} | compile={compiled}"
 
 
 def _time_wall(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
@@ -219,28 +189,30 @@ def time_linear(m: int, k: int, n: int, recipe: str, device, *, compiled: bool =
     CUDA: real FP8 kernels, CUDA events. CPU: TorchAO's emulation, wall clock; the numbers
     say how the emulation compares with CPU bf16, nothing about FP8 hardware.
     emulate: None = emulated on CPU only. dtype: the autocast dtype (torch.float32: none);
-    None = the trainer's default, bf16 autocast except FP8 on CPU, which computes in fp32
-    (train.build.CPU_FP8_FP32_NOTE).
+    None = the trainer's default for this recipe and device (precision.support.resolve_compute_dtype).
     """
     import torch
     from torch import nn
 
+    # late: torch and torchao; advise reads the caches without them
     from fp8lab.precision.convert import convert
+    from fp8lab.precision.recipes import get_recipe
+    from fp8lab.precision.support import resolve_compute_dtype
 
     if device.type not in ("cuda", "cpu"):
         raise FP8LabError(f"timing layers needs a CUDA GPU or the CPU, not {device.type!r}")
     cuda = device.type == "cuda"
-    low_precision = recipe != "bf16"
+    low_precision = get_recipe(recipe).is_low_precision
     if emulate is None:
         emulate = not cuda
     if dtype is None:
-        dtype = torch.float32 if (low_precision and not cuda) else torch.bfloat16
+        dtype, _ = resolve_compute_dtype("auto", low_precision=low_precision, device=device)
     # The trainer calls this between seeding and training: leave its RNG streams untouched.
     with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(k, n, bias=False)).to(device)
         if low_precision:
-            convert(model, recipe=recipe, emulate="on" if emulate else "off", skip_modules=(), _gate=False)
+            convert(model, recipe=recipe, emulate="on" if emulate else "off", skip_modules=())
         if compiled:
             # A fresh module per call recompiles nn.Sequential.forward; past dynamo's recompile
             # limit it would silently run eager. Called before the trainer compiles anything.
