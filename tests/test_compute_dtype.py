@@ -34,14 +34,20 @@ def test_auto_follows_the_cpu(monkeypatch, native):
     assert resolve_compute_dtype("auto", low_precision=True, device=CPU) == (torch.float32, CPU_FP8_FP32_NOTE)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_labels_say_what_ran(monkeypatch, native):
-    monkeypatch.setattr(support, "cpu_has_native_bf16", lambda: native)
+def test_labels_say_what_ran():
     bf16, fp8 = get_recipe("bf16"), get_recipe("fp8-rowwise")
-    assert run_label(bf16, torch.bfloat16, CPU) == "bf16"
-    assert run_label(fp8, torch.float32, CPU) == "fp8-rowwise"
-    assert run_label(bf16, torch.float32, CPU) == ("fp32 (bf16 recipe, precision.compute_dtype=fp32)" if native
-                                                   else "fp32 (bf16 recipe on a CPU without native bf16)")
+    assert run_label(bf16, torch.bfloat16, setting="auto") == "bf16"
+    assert run_label(bf16, torch.bfloat16, setting="bf16") == "bf16"
+    assert run_label(fp8, torch.float32, setting="auto") == "fp8-rowwise"
+    assert run_label(bf16, torch.float32, setting="fp32") == "fp32 (bf16 recipe, precision.compute_dtype=fp32)"
+    # auto computing in fp32 for the bf16 recipe: only a CPU without native bf16 does that
+    assert run_label(bf16, torch.float32, setting="auto") == "fp32 (bf16 recipe on a CPU without native bf16)"
+
+
+def test_an_explicit_fp32_run_says_so(tiny_data, tmp_path):
+    summary = train(tiny_config(tiny_data, **{"train.steps": 2, "precision.compute_dtype": "fp32"}), tmp_path / "R")
+    assert summary["compute_dtype"] == "float32"
+    assert summary["label"] == "fp32 (bf16 recipe, precision.compute_dtype=fp32)"
 
 
 def test_a_run_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch, tiny_data, tmp_path, capsys):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from fp8lab.train.build import build
 from fp8lab.train.checkpoint import list_complete, load_model_weights
 from fp8lab.train.faults import POINTS
 from fp8lab.train.logs import read_jsonl
-from fp8lab.train.preempt import PREEMPTED_EXIT
+from fp8lab.train.preempt import PREEMPTED_EXIT, StopRequest
 from helpers import REPO, SRC, TRAINER_BASE, trainer_config
 
 STEPS, INTERVAL = 8, 2
@@ -111,11 +112,30 @@ def test_sigterm_saves_where_it_stops_and_resumes_bit_for_bit(tiny_data, tmp_pat
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
-def test_a_second_sigterm_during_that_save_stops_at_once_and_damages_nothing(tiny_data, tmp_path, uninterrupted):
+def test_a_second_signal_during_that_save_stops_at_once_and_damages_nothing(tiny_data, tmp_path, uninterrupted):
+    """SIGTERM after step 5, then SIGHUP inside the checkpoint it asked for: the process ends at
+    once (a repeat of the same signal within a second is taken as the same request: schedulers
+    deliver one stop twice), and the half-written checkpoint does not count."""
     run = tmp_path / "run"
-    killed = _run(_args(tiny_data, run, "fp32"), kill_at="step-end@5:TERM,ckpt-after-dcp@5:TERM")
-    assert killed.returncode == -signal.SIGTERM, killed.stderr[-2000:]
+    killed = _run(_args(tiny_data, run, "fp32"), kill_at="step-end@5:TERM,ckpt-after-dcp@5:HUP")
+    assert killed.returncode == -signal.SIGHUP, killed.stderr[-2000:]
     assert [s for s, _ in list_complete(run)] == [2, 4]  # step 5's half-written checkpoint does not count
     resumed = _run(_args(tiny_data, run, "fp32"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(run) == _losses(uninterrupted["fp32"])
+
+
+def test_one_stop_delivered_twice_is_one_request_and_nohup_is_respected():
+    """In this process: SIGTERM twice in quick succession (slurmstepd and torchrun's agent both
+    send one) leaves a single request and the process alive; an ignored SIGHUP stays ignored."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` does
+    try:
+        with StopRequest(["SIGTERM", "SIGHUP"]) as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # let Python run the handlers
+            assert stop.requested and stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored when the run ends
+    finally:
+        signal.signal(signal.SIGHUP, previous)

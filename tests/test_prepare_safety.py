@@ -195,7 +195,7 @@ def test_unwritable_output_location(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(OSError) as e:
         os.mkdir(out)
-    assert "permission denied; choose an output directory you can write to with -o" in str(
+    assert "permission denied; choose another output with -o, somewhere you can write to" in str(
         os_error(e.value, path=out, action="create directory"))
 
 

@@ -23,12 +23,15 @@ print("started", flush=True)
 time.sleep(600)
 """
 
-# A child that, asked to stop, finishes its work first (as the trainer saves a checkpoint).
+# A child that, asked to stop, finishes its work first (as the trainer saves a checkpoint), with
+# a worker of its own (as torch.compile has) that must still be there while it does.
 POLITE = """
-import signal, sys, time
+import signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 def stop(signum, frame):
+    print("stopping", flush=True)
     time.sleep(0.5)  # the work it finishes
-    open(sys.argv[1], "w").write(signal.Signals(signum).name)
+    open(sys.argv[1], "w").write(f"{signal.Signals(signum).name} worker={'alive' if worker.poll() is None else 'gone'}")
     sys.exit(3)
 signal.signal(signal.SIGINT, stop)
 signal.signal(signal.SIGTERM, stop)
@@ -78,8 +81,11 @@ def test_an_interrupt_here_is_passed_on_and_the_child_may_finish(tmp_path, how):
         os.kill(os.getpid(), signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)  # as the terminal or a scheduler
 
     threading.Thread(target=interrupt, daemon=True).start()
+    lines = []
     with pytest.raises(KeyboardInterrupt) as e:
-        run_child([sys.executable, "-c", POLITE, str(said)], on_line=lambda line: None, grace_s=None, timeout_s=120)
-    assert said.read_text() == ("SIGINT" if how == "ctrl-c" else "SIGTERM")  # it finished its work first
+        run_child([sys.executable, "-c", POLITE, str(said)], on_line=lines.append, grace_s=None, timeout_s=120)
+    # It finished its work first, its worker still alive meanwhile, and what it said then came through.
+    assert said.read_text() == ("SIGINT" if how == "ctrl-c" else "SIGTERM") + " worker=alive"
+    assert lines == ["ready", "stopping"]
     assert isinstance(e.value, Interrupted) == (how == "sigterm")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was only for the wait

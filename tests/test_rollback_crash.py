@@ -84,7 +84,7 @@ BOTH = {**ZERO, "train.steps": 20, "guard.good_after_steps": 4, "guard.max_nonfi
 # re-save included (benchmarks/kill_drill.py kills at random wall-clock moments instead).
 _rng = np.random.default_rng(12)
 _MOMENTS = [f"step-end@{s}" for s in range(1, 20)] + [f"{p}@{s}" for p in POINTS[1:] for s in (0, 4, 8, 12, 16)]
-KILLS = [str(k) for k in _rng.choice(_MOMENTS, size=3, replace=False)]
+KILLS = [str(k) for k in _rng.choice(_MOMENTS, size=2, replace=False)]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 import fp8lab
@@ -43,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except FP8LabError as e:
         print(f"fp8lab: {e.prefix}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("fp8lab: interrupted; the newest complete checkpoint resumes the run", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP while a child ran (procs.Interrupted)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"fp8lab: {args.command} interrupted ({signal.Signals(signum).name})"
+              + ("; the newest complete checkpoint resumes the run" if args.command == "train" else ""),
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # The reader of our output went away (`fp8lab advise --json | head`): nothing is wrong
         # here. Point stdout at /dev/null so the interpreter's final flush does not complain.

@@ -24,9 +24,9 @@ def os_error(e: OSError, *, path: str | Path, action: str = "write", nbytes: int
         return FP8LabError(f"{what}: {e.strerror or 'no space left'}{size}; free space on that filesystem (or raise "
                            f"the file size limit, `ulimit -f`) or {elsewhere}, then run again")
     if e.errno == errno.EROFS:
-        return FP8LabError(f"{what}: the filesystem is read-only; {elsewhere} on a writable one")
+        return FP8LabError(f"{what}: the filesystem is read-only; {elsewhere}, on a writable one")
     if e.errno in (errno.EACCES, errno.EPERM):
-        return FP8LabError(f"{what}: permission denied; {elsewhere} you can write to")
+        return FP8LabError(f"{what}: permission denied; {elsewhere}, somewhere you can write to")
     if e.errno in (errno.ENOTDIR, errno.EEXIST) and action == "create directory":
         return FP8LabError(f"{what}: part of that path is an existing file, not a directory; {elsewhere}")
     return FP8LabError(f"{what}: {e.strerror or e}")

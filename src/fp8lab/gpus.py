@@ -269,12 +269,17 @@ def peak_tflops(spec: GPUSpec, math: str, *, source: str | None = None) -> float
     return value
 
 
+def mfu_peak(spec: GPUSpec, math: str = "bf16") -> float:
+    """MFU's denominator on `spec` for a run whose fastest matmuls are `math`: the highest dense
+    peak of that math any source in this table gives (vendor or microbenchmark; the 5090's
+    whitepaper BF16 figure is below every measurement), never below BF16's, since everything
+    unconverted runs in bf16. Every kernel of such a run is at most this fast, so MFU cannot pass
+    100%. Compare recipes by tokens/s: an FP8 run is measured against its FP8 ceiling."""
+    peaks = [peak_tflops(spec, m, source=src) for m in {"bf16", math} for src in ("vendor", "microbench")]
+    return max(p for p in peaks if p is not None)
+
+
 def mfu_peak_tflops(device_name: str, math: str = "bf16") -> float | None:
-    """MFU's denominator on the GPU called `device_name`, for a run whose fastest matmuls are
-    `math`: the dense peak of that math, never below BF16's (everything unconverted runs in
-    bf16), taken from the same source as `fp8lab advise`'s rates, so a measured MFU and a
-    predicted one divide by the same number and neither can pass 100%. None: not in the table."""
+    """mfu_peak for the GPU called `device_name`; None when it is not in the table."""
     spec = lookup_gpu(device_name)
-    if spec is None:
-        return None
-    return max(p for p in (peak_tflops(spec, "bf16"), peak_tflops(spec, math)) if p is not None)
+    return None if spec is None else mfu_peak(spec, math)

@@ -9,7 +9,6 @@ group (torch.compile's worker processes included), never leaving orphans that ho
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -78,9 +77,11 @@ def run_child(cmd: list[str], *, env: dict | None = None, cwd: Path | None = Non
 
     timeout_s: kill the whole group after this long (returncode None). log: append the output
     there as it comes (after a `$ cmd` line); on_line: called with each line as it comes.
-    Ctrl-C, SIGTERM or SIGHUP reaching this process is passed on to the child's group, which
-    then has `grace_s` seconds to finish (None: as long as it needs, e.g. to save a checkpoint;
-    a second signal cuts it short) before it is killed; then the interrupt is raised here.
+    Ctrl-C, SIGTERM or SIGHUP reaching this process is passed on to the child (to the child
+    alone: its own workers, torch.compile's say, must outlive its cleanup), which then has
+    `grace_s` seconds to finish (None: as long as it needs, e.g. to save a checkpoint; a second
+    signal cuts it short), its output still streaming; then the group is killed and the
+    interrupt raised here.
     """
     t0 = time.perf_counter()
     streaming = log is not None or on_line is not None
@@ -88,55 +89,103 @@ def run_child(cmd: list[str], *, env: dict | None = None, cwd: Path | None = Non
         child = Child(cmd, env=env, cwd=cwd, separate_stderr=separate_stderr and not streaming)
         try:
             if not streaming:
-                rc, out, err = child.communicate(timeout_s)
+                try:
+                    rc, out, err = child.communicate(timeout_s)
+                except KeyboardInterrupt as e:
+                    child.proc.send_signal(getattr(e, "signum", signal.SIGINT))
+                    _wait(child, grace_s, child.proc.wait)  # these children say little: no pipe fills
+                    raise
                 return ChildResult(rc, out, err, time.perf_counter() - t0)
-            return _stream(child, cmd, timeout_s=timeout_s, log=log, on_line=on_line, tail_lines=tail_lines, t0=t0)
-        except KeyboardInterrupt as e:
-            _stop(child, getattr(e, "signum", signal.SIGINT), grace_s)
-            raise
+            with _Output(cmd, log=log, on_line=on_line, tail_lines=tail_lines) as output:
+                timer = _Killer(child, timeout_s)
+                try:
+                    output.pump(child)
+                except KeyboardInterrupt as e:
+                    child.proc.send_signal(getattr(e, "signum", signal.SIGINT))
+                    _wait(child, grace_s, lambda: output.pump(child))
+                    raise
+                finally:
+                    timer.cancel()
+                rc = child.proc.wait()
+            return ChildResult(None if timer.fired else rc, output.text(), "", time.perf_counter() - t0)
         finally:
-            if child.proc.poll() is None:  # an error here, not in the child: leave nothing behind
+            if child.proc.poll() is None:  # an error or an interrupt here: leave nothing behind
                 child.kill()
 
 
-def _stream(child: Child, cmd: list[str], *, timeout_s, log, on_line, tail_lines: int, t0: float) -> ChildResult:
-    tail: deque[str] = deque(maxlen=tail_lines)
-    timed_out = threading.Event()
+def _wait(child: Child, grace_s: float | None, drain: Callable[[], object]) -> None:
+    """Let a child that was asked to stop finish (draining its output, so a chatty child cannot
+    block on its pipe) for `grace_s` seconds (None: no limit); a second interrupt ends it."""
+    timer = _Killer(child, grace_s)
+    try:
+        drain()
+    except (KeyboardInterrupt, ValueError):  # a second Ctrl-C or signal: at once
+        pass
+    finally:
+        timer.cancel()
+        child.kill()
 
-    def expire():
-        timed_out.set()
+
+class _Killer:
+    """Kills the child's whole group after `seconds` (None: never), from a timer thread."""
+
+    def __init__(self, child: Child, seconds: float | None):
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire, args=(child,)) if seconds is not None else None
+        if self._timer is not None:
+            self._timer.start()
+
+    def _fire(self, child: Child) -> None:
+        self.fired = True
         child.signal(signal.SIGKILL)
 
-    timer = threading.Timer(timeout_s, expire) if timeout_s else None
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", buffering=1) if log is not None else contextlib.nullcontext() as out:
-        if out is not None:
-            out.write(f"$ {' '.join(cmd)}\n")
-        if timer:
-            timer.start()
-        try:
-            for line in child.proc.stdout:
-                tail.append(line)
-                if out is not None:
-                    out.write(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-            rc = child.proc.wait()
-        finally:
-            if timer:
-                timer.cancel()
-    return ChildResult(None if timed_out.is_set() else rc, "".join(tail), "", time.perf_counter() - t0)
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
-def _stop(child: Child, signum: int, grace_s: float | None) -> None:
-    """Pass the interrupt on, give the child its grace, then end the group."""
-    child.signal(signum)
-    try:
-        child.proc.communicate(timeout=grace_s)  # drained, so a chatty child cannot block on its pipe
-    except (subprocess.TimeoutExpired, KeyboardInterrupt, ValueError):  # a second Ctrl-C: at once
-        pass
-    child.kill()
+class _Output:
+    """Where a streaming child's lines go: a log file, a callback, and the tail kept for the result."""
+
+    def __init__(self, cmd: list[str], *, log: Path | None, on_line, tail_lines: int):
+        self.cmd, self.log, self.on_line = cmd, log, on_line
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+        self._f = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> "_Output":
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.log, "a", buffering=1)
+            self._f.write(f"$ {' '.join(self.cmd)}\n")
+        return self
+
+    def pump(self, child: Child) -> None:
+        """Pass on every line until the child exits. Lines are read on a thread, so the wait ends
+        when the child does, not when its pipe closes: a worker it leaves behind may hold that
+        open (the group is killed afterwards, which closes it)."""
+        if self._reader is None:  # after an interrupt, the second call waits on the same reader
+            self._reader = threading.Thread(target=self._read, args=(child,), daemon=True)
+            self._reader.start()
+        child.proc.wait()
+        child.signal(signal.SIGKILL)  # what it left behind goes with it
+        self._reader.join()
+
+    def _read(self, child: Child) -> None:
+        for line in child.proc.stdout:
+            self.tail.append(line)
+            if self._f is not None:
+                self._f.write(line)
+            if self.on_line is not None:
+                self.on_line(line.rstrip("\n"))
+
+    def text(self) -> str:
+        return "".join(self.tail)
+
+    def __exit__(self, *exc) -> bool:
+        if self._f is not None:
+            self._f.close()
+        return False
 
 
 class _signals_as_interrupts:

@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,10 +254,10 @@ def probe_collective(world: int, *, backend: str = "nccl", timeout: float = 120)
                    env=os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                                      "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
              for rank in range(world)]
-    errors = []
+    errors, deadline = [], time.monotonic() + timeout  # one limit for all ranks, not one each
     try:
         for rank, child in enumerate(ranks):
-            rc, out, err = child.communicate(timeout)
+            rc, out, err = child.communicate(max(deadline - time.monotonic(), 0.1))
             if rc is None:
                 errors.append(f"rank {rank} timed out after {timeout:.0f} s")
             elif "ALLREDUCE_OK" not in out:
@@ -287,7 +288,7 @@ def measure_rates(info: DeviceInfo, *, remeasure: bool = False) -> tuple[dict, b
 def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
     import torch
 
-    from fp8lab.gpus import lookup_gpu
+    from fp8lab.gpus import lookup_gpu, mfu_peak
     from fp8lab.precision.recipes import RECIPES
     from fp8lab.precision.swap import import_torchao
 
@@ -329,7 +330,8 @@ def run_doctor(*, measure: bool = True, remeasure: bool = False) -> Report:
         checks.append(Check("GPU", PASS, f"{info.name}, compute capability {cc[0]}.{cc[1]}, {info.memory_gb:g} GB"
                             + (f", {info.count} GPUs" if info.count > 1 else "")))
         checks.append(Check("GPU table", PASS if spec else WARN,
-                            f"{spec.name}: BF16 {spec.bf16_dense_tflops:g} TFLOP/s dense (MFU's denominator)" if spec
+                            f"{spec.name}: MFU divides by {mfu_peak(spec):g} TFLOP/s dense BF16 "
+                            f"({mfu_peak(spec, 'fp8'):g} for FP8 runs)" if spec
                             else f"{info.name} is not in fp8lab's table: MFU is reported as null",
                             "" if spec else "pass --gpu NAME to `fp8lab advise`; add the card to src/fp8lab/gpus.py"))
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fp8lab.data.dataset import DatasetExistsError, open_dataset, write_dataset
+from fp8lab.env import cache_dir
 from fp8lab.errors import FP8LabError
 
 BYTE_VOCAB_SIZE = 257
@@ -93,10 +94,7 @@ def pack_documents(docs: list[bytes], *, seq_len: int) -> np.ndarray:
     return stream[: n * window].reshape(n, window)
 
 
-def default_cache_dir() -> Path:
-    """$FP8LAB_CACHE, else ~/.cache/fp8lab."""
-    env = os.environ.get("FP8LAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fp8lab"
+default_cache_dir = cache_dir  # kept under its old name: fp8lab.data exports it
 
 
 def embedded_dataset(

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fp8lab.errors import FP8LabError
-from fp8lab.gpus import ADVISOR_RATES, GPUSpec, get_gpu, gpu_id_of
+from fp8lab.gpus import ADVISOR_RATES, GPUS, GPUSpec, get_gpu, gpu_id_of, mfu_peak
 from fp8lab.models.flops import param_counts
 from fp8lab.models.llama import ModelArgs
 from fp8lab.precision.recipes import RECIPES, Recipe, get_recipe
@@ -82,17 +82,16 @@ class Rates:
     mxfp8: float | None  # None: no MXFP8
     mem_gbs: float
     bf16_peak: float  # the peak attention efficiency refers to
-    peaks: dict[str, float | None]  # dense peak per math (bf16, fp8, mxfp8) from the rate source
     attention_eff: float
     sources: dict[str, str] = field(default_factory=dict)
 
     def mfu_peak(self, recipe: Recipe) -> float:
-        """MFU's denominator for `recipe`: the peak of the fastest math it runs (gpus.mfu_peak_tflops),
-        and never below a rate this model uses (a doctor measurement can beat a datasheet), so every
-        kernel's FLOP rate is at most this and a predicted MFU cannot pass 100%."""
+        """MFU's denominator for `recipe`: the one training uses (gpus.mfu_peak), and never below a
+        rate this model uses (a doctor measurement can beat a datasheet), so every kernel's FLOP
+        rate is at most this and a predicted MFU cannot pass 100%."""
         used = {"bf16": (self.bf16,), "fp8": (self.fp8, self.fp8_rowwise), "mxfp8": (self.mxfp8,)}
-        maths = {"bf16", recipe.math}
-        return max(r for m in maths for r in (self.peaks[m], *used[m]) if r is not None)
+        rates = [r for m in {"bf16", recipe.math} for r in used[m] if r is not None]
+        return max(mfu_peak(GPUS[self.gpu_id], recipe.math), *rates)
 
     def to_dict(self) -> dict:
         return {"gpu": self.gpu_id, "source": self.source, "bf16_tflops": round(self.bf16, 1),
@@ -149,7 +148,6 @@ def rates_for(gpu: str | GPUSpec, *, source: str = "auto", measured: dict | None
                 sources[key] = where
     hopper = spec.compute_capability is not None and spec.compute_capability[0] == 9
     return Rates(gpu_id=gpu_id, gpu_name=spec.name, source=source, bf16_peak=bf16,
-                 peaks={"bf16": bf16, "fp8": fp8, "mxfp8": mx},
                  attention_eff=ATTENTION_EFFICIENCY["hopper" if hopper else "other"], sources=sources, **r)
 
 

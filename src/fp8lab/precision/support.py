@@ -132,13 +132,14 @@ def resolve_compute_dtype(setting: str, *, low_precision: bool, device: torch.de
     return torch.bfloat16, None
 
 
-def run_label(recipe: Recipe, compute_dtype: torch.dtype, device: torch.device) -> str:
-    """What ran, in a few words: the recipe's name, except a bf16 recipe that computed in fp32."""
+def run_label(recipe: Recipe, compute_dtype: torch.dtype, *, setting: str) -> str:
+    """What ran, in a few words: the recipe's name, except a bf16 recipe that computed in fp32,
+    by the user's word (`setting` fp32) or because this CPU has no native bf16 (auto)."""
     if recipe.is_low_precision or compute_dtype == torch.bfloat16:
         return recipe.name
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        return "fp32 (bf16 recipe on a CPU without native bf16)"
-    return "fp32 (bf16 recipe, precision.compute_dtype=fp32)"
+    if setting == "fp32":
+        return "fp32 (bf16 recipe, precision.compute_dtype=fp32)"
+    return "fp32 (bf16 recipe on a CPU without native bf16)"
 
 
 def unsupported_here(recipes: list[str], *, device: str, emulate: str, compute_dtype: str) -> dict:

@@ -150,7 +150,7 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
         shard(model, env, device=device, compute_dtype=compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     return RunParts(device=device, model=model, optimizer=optimizer, report=report,
-                    compute_dtype=compute_dtype, label=run_label(recipe, compute_dtype, device), model_args=args,
+                    compute_dtype=compute_dtype, label=run_label(recipe, compute_dtype, setting=cfg.precision.compute_dtype), model_args=args,
                     dataset=ds, loader=loader, eval_batches=held_out,
                     flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env)
 

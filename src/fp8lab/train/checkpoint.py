@@ -181,23 +181,35 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, optimizer: to
         tmp.mkdir()
     barrier()
     tensors = tensor_state(model, optimizer)
+    failure = None  # a full disk, inside DCP or out
     try:
-        with _quiet_single_process():
+        with _quiet_single_process():  # under FSDP2 DCP raises on every rank when one rank failed
             dcp.save(tensors, storage_writer=FileSystemWriter(tmp / "dcp"), no_dist=_no_dist())
-        kill_point("ckpt-after-dcp", step)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        failure = e
+    kill_point("ckpt-after-dcp", step)
+    if failure is None:
         barrier()  # every rank's shards are on disk
         if env.main:
-            write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
-            kill_point("ckpt-after-state", step)
-            fsync_dir(tmp / "dcp")
-            write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
-            kill_point("ckpt-after-manifest", step)
-            write_durable(tmp / MARKER, f"{step}\n")
-            fsync_dir(tmp)
-            kill_point("ckpt-after-marker", step)
-    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, inside DCP or out
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(e, final, tensors, run_dir) from None
+            try:
+                write_durable(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True))
+                kill_point("ckpt-after-state", step)
+                fsync_dir(tmp / "dcp")
+                write_durable(tmp / MANIFEST, json.dumps(_file_manifest(tmp), indent=1, sort_keys=True))
+                kill_point("ckpt-after-manifest", step)
+                write_durable(tmp / MARKER, f"{step}\n")
+                fsync_dir(tmp)
+                kill_point("ckpt-after-marker", step)
+            except OSError as e:
+                failure = e
+        # Rank 0's files are its own: every rank learns whether they were written, and all stop alike.
+        said = broadcast(str(_write_failed(failure, final, tensors, run_dir)) if failure else None)
+    else:
+        said = str(_write_failed(failure, final, tensors, run_dir))
+    if said:
+        if env.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise FP8LabError(said)
     if env.main:
         os.rename(tmp, final)
         fsync_dir(root)
@@ -343,10 +355,16 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def _inner(e: BaseException) -> BaseException:
+    """The real failure inside DCP's wrapper exception (the first rank's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
+
+
 def _cause(e: BaseException) -> str:
     """One line naming the real failure inside DCP's wrapper exception."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
+    e = _inner(e)
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text[:300]}"
 
@@ -362,7 +380,9 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
         # Read the metadata ourselves first: DCP would swallow a refused pickle and retry
         # a per-rank file, hiding the reason. A crafted pickle may fail in many ways.
         metadata = reader.read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except OSError as e:  # reading failed: the machine's trouble, not necessarily the checkpoint's
+        raise FP8LabError(f"checkpoint {path}: cannot read its DCP metadata ({_cause(e)})") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise DamagedCheckpoint(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)})") from None
     if optimizer is not None and not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
         # Step 0 (a rollback to the start saves it again) has no optimizer state: nothing has
@@ -376,6 +396,9 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
             dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         # CheckpointException derives from BaseException: `except Exception` would miss it.
+        inner = _inner(e)
+        if isinstance(inner, (OSError, torch.OutOfMemoryError)):  # the machine's trouble, not the checkpoint's
+            raise FP8LabError(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
         raise DamagedCheckpoint(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
 
 

@@ -188,8 +188,12 @@ class RunLogs:
             sink.rewind(step)
 
     def close(self) -> None:
-        for sink in (self.metrics, self.telemetry, self.events, *self.sinks):
-            sink.close()
+        """Close every file and sink; a second call does nothing."""
+        sinks, self.sinks = (self.metrics, self.telemetry, self.events, *self.sinks), []
+        self.metrics = self.telemetry = self.events = None
+        for sink in sinks:
+            if sink is not None:
+                sink.close()
 
 
 class NullLogs:

@@ -36,8 +36,9 @@ def describe_run(run_dir: Path) -> dict:
     """A summary-shaped record of the run in `run_dir` with a `status` (one of STATUSES) and,
     where the run is unfinished, what is known so far (`steps` done, `total_steps`)."""
     run_dir = Path(run_dir)
+    holder = running_holder(run_dir)  # a live trainer wins over any file: it may be resuming a finished run
     summary = _read_json(run_dir / "summary.json")
-    if summary is not None:
+    if summary is not None and holder is None:
         status = {"completed": "finished"}.get(summary.get("status"), summary.get("status") or "finished")
         return summary | {"status": status, "total_steps": summary.get("steps")}
     try:
@@ -46,7 +47,6 @@ def describe_run(run_dir: Path) -> dict:
         cfg = {}
     recs = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").is_file() else []
-    holder = running_holder(run_dir)
     if holder is not None:
         status = "running"
     elif events and events[-1].get("kind") == "preempted":

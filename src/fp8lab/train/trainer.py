@@ -31,7 +31,6 @@ from fp8lab.train.checkpoint import (
     delete_after,
     list_complete,
     load_tensors,
-    newest_verified,
     quarantine,
     read_state,
     remove_stale,
@@ -74,7 +73,12 @@ class Trainer:
             raise
 
     def close(self, *, failed: bool = False) -> None:
-        """Let go of the run directory (run() does this when it ends)."""
+        """Let go of the run directory and what was opened in it (run() does this when it ends;
+        closing twice is harmless)."""
+        for name in ("logs", "parts"):
+            thing = getattr(self, name, None)
+            if thing is not None:
+                (thing.loader if name == "parts" else thing).close()
         if self.lock is not None:
             self.lock.release(failed=failed)
 
@@ -86,17 +90,19 @@ class Trainer:
             TensorBoardWriter.check_available()
         if self.cfg.logging.wandb:
             WandbWriter.check_available()
-        self.stop = StopRequest(self.cfg.train.stop_signals, on_first=self._say_stopping)
+        self.stop = StopRequest(self.cfg.train.stop_signals)
         state, passed_over = self._resume(resume, keep_recipe=allow_recipe_change)
         post_optimizer_hook(self.parts.model, self.parts.report)  # the first FP8 gathers use precomputed scales too
         # Taken before the first step: what every recipe of a comparison must share.
         self.init_digest: str | None = state.get("init_digest") if state else (
             weights_digest(self.parts.model) if self.cfg.logging.fingerprint else None)
-        removed, damaged = [], []
+        removed, unusable = [], []
         if self.env.main:
             removed = remove_stale(self.run_dir)  # first: it frees what a writer killed by a full disk left
+            unusable = self._set_aside_unusable(passed_over)
+            if self.step < self.cfg.train.steps:  # training goes on: an earlier end's summary no longer holds
+                (self.run_dir / "summary.json").unlink(missing_ok=True)
             write_run_config(self.run_dir, self.cfg)
-            _, damaged = newest_verified(self.run_dir)
         dist.barrier()
         self.tokens_per_step = self.cfg.tokens_per_step * self.env.world_size  # over all ranks
         wandb = {"project": self.cfg.logging.wandb_project, "config": self.cfg.to_dict()} \
@@ -108,12 +114,8 @@ class Trainer:
             self.event("config", m)
         for name, why in self.logs.dropped_lines():
             self.event("damaged", f"{name}: {why}")
-        for path, why in damaged:
-            self.event("damaged", f"checkpoint {path.name} failed verification ({why}); moved to "
-                                  f"{quarantine(path).name} and not used")
-        for path, why in passed_over:
-            self.event("damaged", f"checkpoint {path.name} verified but did not load ({why}); moved to "
-                                  f"{quarantine(path).name if self.env.main else path.name} and not used")
+        for name, moved, why in unusable:
+            self.event("damaged", f"checkpoint {name} {why}; moved to {moved} and not used")
         if removed:
             self.event("cleanup", f"removed unfinished checkpoint folders left by a killed run: {', '.join(removed)}")
         if state:
@@ -130,10 +132,11 @@ class Trainer:
         manifest rewritten to match damage): the one before it is tried, in one process; a run
         with no loadable checkpoint is refused rather than restarted from step 0."""
         self.step, self.skipped_steps, self.resumed_from = 0, 0, None
-        candidates = [] if resume is None else [(s, p) for s, p in reversed(list_complete(self.run_dir))
-                                                 if s <= resume[0] and verify_checkpoint(p) is None]
+        candidates = [] if resume is None else [p for s, p in reversed(list_complete(self.run_dir)) if s <= resume[0]]
         passed_over: list[tuple[Path, str]] = []
-        for _, path in candidates:
+        for path in candidates:
+            if verify_checkpoint(path) is not None:  # hashed only when reached: the newest usually loads
+                continue
             try:
                 state = read_state(path)
                 if not keep_recipe and state.get("recipe"):  # an older checkpoint may hold another recipe
@@ -158,6 +161,20 @@ class Trainer:
         self._set_guard_state({})
         self.parts = build(self.cfg, extra_skip=self.bf16_layers)
         return {}, []
+
+    def _set_aside_unusable(self, passed_over: list[tuple[Path, str]]) -> list[tuple[str, str, str]]:
+        """Quarantine every complete checkpoint newer than the one resumed from (all of them when
+        none was): each failed verification or did not load, and a later save or rollback must
+        never meet it. Returns (name, new name, why) for the events."""
+        done = [p for _, p in list_complete(self.run_dir)]
+        start = done.index(self.resumed_from) + 1 if self.resumed_from in done else 0
+        did_not_load = dict(passed_over)
+        out = []
+        for path in done[start:]:
+            why = (f"verified but did not load ({did_not_load[path]})" if path in did_not_load
+                   else f"failed verification ({verify_checkpoint(path)})")
+            out.append((path.name, quarantine(path).name, why))
+        return out
 
     def _set_guard_state(self, state: dict) -> None:
         """The guard's state that shapes the model and the data order (see rollback.py)."""
@@ -425,20 +442,20 @@ class Trainer:
         self._last = time.perf_counter()  # eval and checkpoint time is not step time
         return step == cfg.debug.stop_at_step
 
+    def _stop_name(self) -> str:
+        return signal.Signals(self.stop.signum).name if self.stop.signum else "a stop signal to another rank"
+
     def _stop_here(self) -> None:
         """A stop signal: save where the run is (unless saved already) and stop, resumably."""
+        if self.env.main:
+            console.print(f"[yellow]stop requested ({self._stop_name()}): saving a checkpoint at step {self.step}, "
+                          "then stopping (send it again to stop at once)[/]")
         if self.step not in self.ckpt_steps:
             self.save()
-        who = signal.Signals(self.stop.signum).name if self.stop.signum else "a stop signal to another rank"
-        msg = (f"{who}: stopped after step {self.step}, checkpoint saved in {self.run_dir / 'checkpoints'}; "
+        msg = (f"{self._stop_name()}: stopped after step {self.step}, checkpoint saved in {self.run_dir / 'checkpoints'}; "
                "run the same command to resume")
         self.event("preempted", msg)
         raise Preempted(msg)
-
-    def _say_stopping(self, signum: int) -> None:
-        if self.env.main:
-            console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step, then "
-                          "stopping (send it again to stop at once)[/]")
 
     # -- rollback (planned in rollback.py, applied here) --------------------------------
 
