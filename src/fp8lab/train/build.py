@@ -149,9 +149,9 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
             check_fp8_gather_shapes(model, report, env.world_size)
         shard(model, env, device=device, compute_dtype=compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
-    return RunParts(device=device, model=model, optimizer=optimizer, report=report,
-                    compute_dtype=compute_dtype, label=run_label(recipe, compute_dtype, setting=cfg.precision.compute_dtype), model_args=args,
-                    dataset=ds, loader=loader, eval_batches=held_out,
+    label = run_label(recipe, compute_dtype, setting=cfg.precision.compute_dtype)
+    return RunParts(device=device, model=model, optimizer=optimizer, report=report, compute_dtype=compute_dtype,
+                    label=label, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
                     flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env)
 
 

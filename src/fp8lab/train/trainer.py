@@ -7,52 +7,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
-from fp8lab.data.shards import sha256_file
-from fp8lab.env import device_name, peak_memory_gb, stack_versions
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write, os_error
-from fp8lab.gpus import mfu_peak_tflops
 from fp8lab.precision import get_recipe, post_optimizer_hook, telemetry
-from fp8lab.precision.fsdp import fp8_gathered_weights
-from fp8lab.precision.support import EMULATION_NOTE
 from fp8lab.train import dist
 from fp8lab.train.build import build
 from fp8lab.train.checkpoint import (
-    DamagedCheckpoint,
     delete_after,
     list_complete,
-    load_tensors,
-    quarantine,
     read_state,
     remove_stale,
     save_checkpoint,
-    verify_checkpoint,
 )
 from fp8lab.train.faults import kill_point
-from fp8lab.train.fingerprint import batch_crc, weights_digest
+from fp8lab.train.fingerprint import weights_digest
 from fp8lab.train.guard import Alarm, Guard
 from fp8lab.train.logs import NullLogs, RunLogs, TensorBoardWriter, WandbWriter, read_jsonl
 from fp8lab.train.preempt import Preempted, StopRequest
-from fp8lab.train.rng import capture_rng, restore_rng
+from fp8lab.train.report import print_header, run_summary, step_record
+from fp8lab.train.resume import data_fingerprint, restore, resume, set_aside_unusable
+from fp8lab.train.rng import capture_rng
 from fp8lab.train.rollback import GuardStopped, RollbackPlan, plan_rollback
 from fp8lab.train.rundir import RunDirLock, check_run_dir, with_recipe, write_run_config
-from fp8lab.train.step import StepResult, finite_or_none, model_loss, to_device, token_loss, train_step
+from fp8lab.train.step import finite_or_none, model_loss, to_device, token_loss, train_step
 from fp8lab.ui import TrainProgress, console, setup_logging
-
-
-def data_fingerprint(dataset) -> str:
-    """sha256 of the data set's manifest, which lists every shard's sha256: a resumed run
-    must continue on the data it started on."""
-    return sha256_file(Path(dataset.path) / "manifest.json")
 
 
 class Trainer:
@@ -83,7 +68,7 @@ class Trainer:
             self.lock.release(failed=failed)
 
     def _open(self, cfg: JobConfig, *, allow_recipe_change: bool) -> None:
-        self.cfg, resume, messages = check_run_dir(self.run_dir, cfg, allow_recipe_change=allow_recipe_change)
+        self.cfg, newest, messages = check_run_dir(self.run_dir, cfg, allow_recipe_change=allow_recipe_change)
         dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         # Bad data, device, recipe or a missing extra fail here, before the run dir is touched.
         if self.cfg.logging.tensorboard:
@@ -91,7 +76,14 @@ class Trainer:
         if self.cfg.logging.wandb:
             WandbWriter.check_available()
         self.stop = StopRequest(self.cfg.train.stop_signals)
-        state, passed_over = self._resume(resume, keep_recipe=allow_recipe_change)
+        r = resume(self.run_dir, self.cfg, newest, keep_recipe=allow_recipe_change,
+                   world_size=self.env.world_size, distributed=self.env.active)
+        self.cfg, self.parts, self.guard, state, self.resumed_from = r.cfg, r.parts, r.guard, r.state, r.path
+        # Guard state that shapes the model and the data order (see rollback.py).
+        self.bf16_layers: list[str] = state.get("bf16_layers", [])
+        self.skip_windows: list[list[int]] = state.get("skip_windows", [])
+        self.recipe_history: list[dict] = state.get("recipe_history", [])
+        self.step, self.skipped_steps = state.get("step", 0), state.get("skipped_steps", 0)
         post_optimizer_hook(self.parts.model, self.parts.report)  # the first FP8 gathers use precomputed scales too
         # Taken before the first step: what every recipe of a comparison must share.
         self.init_digest: str | None = state.get("init_digest") if state else (
@@ -99,7 +91,7 @@ class Trainer:
         removed, unusable = [], []
         if self.env.main:
             removed = remove_stale(self.run_dir)  # first: it frees what a writer killed by a full disk left
-            unusable = self._set_aside_unusable(passed_over)
+            unusable = set_aside_unusable(self.run_dir, self.resumed_from, r.passed_over)
             if self.step < self.cfg.train.steps:  # training goes on: an earlier end's summary no longer holds
                 (self.run_dir / "summary.json").unlink(missing_ok=True)
             write_run_config(self.run_dir, self.cfg)
@@ -125,93 +117,6 @@ class Trainer:
                 self.event("recipe-change", f"precision.recipe {before} -> {self.cfg.precision.recipe} from step "
                                             f"{self.step} (--allow-recipe-change)", old=before,
                            new=self.cfg.precision.recipe)
-
-    def _resume(self, resume: tuple[int, Path] | None, *, keep_recipe: bool) -> tuple[dict, list[tuple[Path, str]]]:
-        """Build the run's parts and load the newest checkpoint that loads into them (its state,
-        and the newer ones passed over with why). A checkpoint can verify and still not load (a
-        manifest rewritten to match damage): the one before it is tried, in one process; a run
-        with no loadable checkpoint is refused rather than restarted from step 0."""
-        self.step, self.skipped_steps, self.resumed_from = 0, 0, None
-        candidates = [] if resume is None else [p for s, p in reversed(list_complete(self.run_dir)) if s <= resume[0]]
-        passed_over: list[tuple[Path, str]] = []
-        for path in candidates:
-            if verify_checkpoint(path) is not None:  # hashed only when reached: the newest usually loads
-                continue
-            try:
-                state = read_state(path)
-                if not keep_recipe and state.get("recipe"):  # an older checkpoint may hold another recipe
-                    self.cfg = with_recipe(self.cfg, state["recipe"])
-                self._set_guard_state(state)
-                self.parts = build(self.cfg, extra_skip=self.bf16_layers)
-                self._restore(path, state)
-            except DamagedCheckpoint as e:
-                if self.env.active:  # ranks cannot agree on a fallback yet: say what to do
-                    raise DamagedCheckpoint(f"{e}; move {path} out of {self.run_dir / 'checkpoints'} to resume "
-                                            "from the one before") from None
-                passed_over.append((path, str(e)))
-                if getattr(self, "parts", None) is not None:
-                    self.parts.loader.close()
-                self.parts = None
-                continue
-            self.resumed_from = path
-            return state, passed_over
-        if passed_over:
-            raise DamagedCheckpoint(f"no checkpoint in {self.run_dir} loads: {passed_over[0][1]}; move the damaged "
-                                    "ones away (or start a new --run-dir)")
-        self._set_guard_state({})
-        self.parts = build(self.cfg, extra_skip=self.bf16_layers)
-        return {}, []
-
-    def _set_aside_unusable(self, passed_over: list[tuple[Path, str]]) -> list[tuple[str, str, str]]:
-        """Quarantine every complete checkpoint newer than the one resumed from (all of them when
-        none was): each failed verification or did not load, and a later save or rollback must
-        never meet it. Returns (name, new name, why) for the events."""
-        done = [p for _, p in list_complete(self.run_dir)]
-        start = done.index(self.resumed_from) + 1 if self.resumed_from in done else 0
-        did_not_load = dict(passed_over)
-        out = []
-        for path in done[start:]:
-            why = (f"verified but did not load ({did_not_load[path]})" if path in did_not_load
-                   else f"failed verification ({verify_checkpoint(path)})")
-            out.append((path.name, quarantine(path).name, why))
-        return out
-
-    def _set_guard_state(self, state: dict) -> None:
-        """The guard's state that shapes the model and the data order (see rollback.py)."""
-        self.bf16_layers: list[str] = state.get("bf16_layers", [])
-        self.skip_windows: list[list[int]] = state.get("skip_windows", [])
-        self.recipe_history: list[dict] = state.get("recipe_history", [])
-        self.guard = Guard(self.cfg.guard)
-
-    # -- state ------------------------------------------------------------------------
-
-    def _restore(self, path: Path, state: dict) -> None:
-        """Load a checkpoint into the built model, optimizer, loader, RNG and guard."""
-        saved_args = state.get("model_args", {})
-        now = dataclasses.asdict(self.parts.model_args)
-        diff = [k for k in now if k in saved_args and saved_args[k] != now[k]]
-        if diff:
-            raise FP8LabError(f"checkpoint {path} has a different model shape: "
-                              + ", ".join(f"{k} {saved_args[k]} vs {now[k]}" for k in diff))
-        if state.get("world_size", 1) != self.env.world_size:
-            raise FP8LabError(f"checkpoint {path} was written by {state.get('world_size', 1)} rank(s), this run has "
-                              f"{self.env.world_size}: each rank's share of the data would change; resume with "
-                              f"--nproc_per_node={state.get('world_size', 1)}")
-        if state.get("data_fingerprint") not in (None, data_fingerprint(self.parts.dataset)):
-            raise FP8LabError(f"the data at {self.parts.dataset.path} is not the data this run was trained on "
-                              f"(its manifest changed since {path}); point data.path at the original data "
-                              "or start a new --run-dir")
-        load_tensors(path, model=self.parts.model, optimizer=self.parts.optimizer)
-        try:
-            self.parts.loader.load_state_dict(state["data"])
-            restore_rng(state["rng"])
-            if "guard" in state:
-                self.guard.load_state_dict(state["guard"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise DamagedCheckpoint(f"checkpoint {path}: state.json does not restore "
-                                    f"({type(e).__name__}: {e})") from None
-        self.step = state["step"]
-        self.skipped_steps = state.get("skipped_steps", 0)
 
     def save(self, *, new_revision: bool = False) -> None:
         state = {
@@ -308,50 +213,6 @@ class Trainer:
             return d.inject_spike_factor
         return 1.0
 
-    def _header(self) -> None:
-        parts, cfg = self.parts, self.cfg
-        n_params = sum(p.numel() for p in parts.model.parameters())
-        if not self.env.main:
-            return
-        if self.env.world_size > 1:
-            console.print(f"FSDP2 over {self.env.world_size} ranks"
-                          + (", weights all-gathered in FP8" if parts.report.fsdp_float8_all_gather else ""))
-        console.print(
-            f"[bold]fp8lab train[/] {self.run_dir}: {cfg.model.preset} ({n_params / 1e6:.1f}M params) "
-            f"on {device_name(parts.device)}, recipe {parts.label}, "
-            f"compute {str(parts.compute_dtype).removeprefix('torch.')}, compile {'on' if parts.compiled else 'off'}, "
-            f"{self.tokens_per_step:,} tokens/step"
-        )
-        console.print(f"  {parts.report.summary()}")
-        console.print("  config: " + "\n          ".join(escape(line) for line in cfg.compact()), style="dim")
-        for note in parts.notes:
-            if note != EMULATION_NOTE:  # convert() already said it, loudly
-                console.print(f"  [yellow]note:[/] {note}")
-
-    def _mfu_peak(self) -> float | None:
-        """MFU's denominator for what trains now (a rollback may change the recipe); None on CPU."""
-        dev = self.parts.device
-        return mfu_peak_tflops(device_name(dev), get_recipe(self.cfg.precision.recipe).math) \
-            if dev.type == "cuda" else None
-
-    def _record(self, step: int, r: StepResult, dt: float, batches, *, first_in_process: bool) -> dict:
-        tps = self.tokens_per_step / dt  # all ranks together
-        tflops = self.parts.flops_per_token * tps / self.env.world_size / 1e12  # per GPU, as the peak is
-        rec = {
-            "step": step, "loss": finite_or_none(r.loss), "lr": r.lr, "grad_norm": finite_or_none(r.grad_norm),
-            "tokens": step * self.tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
-            "mfu": tflops / peak if (peak := self._mfu_peak()) else None,
-            "mem_peak_gb": peak_memory_gb(self.parts.device), "recipe": self.cfg.precision.recipe,
-            "data_crc": batch_crc(batches),
-        }
-        if first_in_process:
-            rec["warmup"] = True  # includes compile and cold caches: left out of the median
-            # What computed, once per process (a resume or a rollback may change it).
-            rec["compute_dtype"], rec["label"] = _dtype_name(self.parts.compute_dtype), self.parts.label
-        if not r.stepped:
-            rec["skipped"] = "nonfinite"
-        return rec
-
     def run(self) -> dict:
         with self.stop:  # SIGTERM and friends: save at the next step boundary, then stop (preempt.py)
             try:
@@ -369,7 +230,7 @@ class Trainer:
                 self.close()
 
     def _run(self) -> dict:
-        self._header()
+        print_header(self.run_dir, self.cfg, self.parts, self.env, tokens_per_step=self.tokens_per_step)
         progress = self.start_loop()
         try:
             while self.step < self.cfg.train.steps:
@@ -408,7 +269,8 @@ class Trainer:
                             stop_requested=self.stop.requested)
         now = time.perf_counter()
         self.step = step
-        rec = self._record(step, result, now - self._last, batches, first_in_process=step == self._first_step)
+        rec = step_record(step, result, now - self._last, batches, cfg=self.cfg, parts=self.parts, env=self.env,
+                          tokens_per_step=self.tokens_per_step, first_in_process=step == self._first_step)
         if not result.stepped:
             self.skipped_steps += 1
             self.event("skip", f"step {step}: non-finite loss {result.loss} or grad norm "
@@ -452,7 +314,8 @@ class Trainer:
                           "then stopping (send it again to stop at once)[/]")
         if self.step not in self.ckpt_steps:
             self.save()
-        msg = (f"{self._stop_name()}: stopped after step {self.step}, checkpoint saved in {self.run_dir / 'checkpoints'}; "
+        msg = (f"{self._stop_name()}: stopped after step {self.step}, checkpoint saved in "
+               f"{self.run_dir / 'checkpoints'}; "
                "run the same command to resume")
         self.event("preempted", msg)
         raise Preempted(msg)
@@ -525,7 +388,9 @@ class Trainer:
         self.step, self.skipped_steps = 0, 0
         if step > 0:
             path = self._path_of(step)
-            self._restore(path, read_state(path))
+            state = read_state(path)
+            restore(path, state, self.parts, self.guard, world_size=self.env.world_size)
+            self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         post_optimizer_hook(self.parts.model, self.parts.report)
 
     def _finish(self, final_eval: float | None, *, status: str, reason: str | None = None) -> dict:
@@ -533,25 +398,11 @@ class Trainer:
         if not self.env.main:  # rank 0 writes the summary
             self.parts.loader.close()
             return {"status": status, "steps": self.step, "final_eval_loss": final_eval}
-        recs = read_jsonl(self.run_dir / "metrics.jsonl")
-        timed = [r["tokens_per_s"] for r in recs if not r.get("warmup") and not r.get("skipped")]
-        losses = [r["loss"] for r in recs if r["loss"] is not None]
-        summary = {
-            "run_dir": str(self.run_dir), "status": status, "recipe": cfg.precision.recipe, "label": parts.label,
-            "emulated": parts.report.emulated, "compute_dtype": _dtype_name(parts.compute_dtype),
-            "compiled": parts.compiled, "device": device_name(parts.device), "conversion": parts.report.to_dict(),
-            "steps": self.step, "skipped_steps": self.skipped_steps, "rollbacks": self.guard.rollbacks,
-            "recipe_history": self.recipe_history, "bf16_layers": self.bf16_layers,
-            "final_train_loss": losses[-1] if losses else None,
-            "final_eval_loss": None if final_eval is None else finite_or_none(final_eval),
-            "tokens_per_s_median": statistics.median(timed) if timed else None,
-            "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
-            "params": sum(p.numel() for p in parts.model.parameters()), "flops_per_token": parts.flops_per_token,
-            "mfu_peak_tflops": self._mfu_peak(), "notes": parts.notes, "init_digest": self.init_digest,
-            "parallel": {"data_parallel": cfg.parallel.data_parallel, "world_size": self.env.world_size,
-                         "fp8_gathered_weights": fp8_gathered_weights(parts.model)},
-            "versions": stack_versions(),
-        }
+        summary = run_summary(self.run_dir, cfg, parts, self.env, read_jsonl(self.run_dir / "metrics.jsonl"),
+                              status=status, final_eval=final_eval,
+                              facts={"steps": self.step, "skipped_steps": self.skipped_steps,
+                                     "rollbacks": self.guard.rollbacks, "recipe_history": self.recipe_history,
+                                     "bf16_layers": self.bf16_layers, "init_digest": self.init_digest})
         if reason:
             summary["reason"] = reason
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -568,10 +419,6 @@ class Trainer:
 def _io_error(e: OSError, run_dir: Path) -> FP8LabError:
     return os_error(e, path=e.filename or run_dir, elsewhere="choose another --run-dir (the same command resumes "
                                                            "from the newest complete checkpoint once it can write)")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def train(cfg: JobConfig, run_dir: Path, *, allow_recipe_change: bool = False) -> dict:
