@@ -177,7 +177,6 @@ def measure(spec: dict) -> dict:
 
     from fp8lab.config import load_config
     from fp8lab.env import peak_memory_gb
-    from fp8lab.gpus import mfu_peak_tflops
     from fp8lab.precision import get_recipe
     from fp8lab.precision.support import resolve_compute_dtype
     from fp8lab.train.build import build
@@ -225,7 +224,7 @@ def measure(spec: dict) -> dict:
     tokens_per_step = cfg.tokens_per_step
     stats = summarise(times, tokens_per_step)
     tflops = parts.flops_per_token * stats["tokens_per_s"] / 1e12
-    peak = mfu_peak_tflops(name, get_recipe(cfg.precision.recipe).math) if cuda else None
+    peak = parts.mfu_peak_tflops
     row = {
         "recipe": cfg.precision.recipe, "label": parts.label, "status": "ok", "reason": None,
         "emulated": parts.report.emulated,

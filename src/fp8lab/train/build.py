@@ -21,6 +21,7 @@ from fp8lab.config import JobConfig
 from fp8lab.data import TokenLoader, embedded_dataset, eval_batches, open_dataset
 from fp8lab.env import device_memory_bytes, device_name, pick_device
 from fp8lab.errors import FP8LabError
+from fp8lab.gpus import mfu_peak_tflops
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, param_counts, preset_args
 from fp8lab.perf.layer_policy import layer_policy
 from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
@@ -68,6 +69,7 @@ class RunParts:
     report: ConversionReport
     compute_dtype: torch.dtype
     label: str  # what runs, in words: the recipe, or "fp32 (bf16 recipe ...)" where bf16 autocast does not
+    mfu_peak_tflops: float | None  # MFU's denominator for this recipe on this GPU (gpus.mfu_peak); None on CPU
     model_args: ModelArgs
     dataset: object
     loader: TokenLoader
@@ -150,8 +152,9 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
         shard(model, env, device=device, compute_dtype=compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     label = run_label(recipe, compute_dtype, setting=cfg.precision.compute_dtype)
+    peak = mfu_peak_tflops(device_name(device), recipe.math) if device.type == "cuda" else None
     return RunParts(device=device, model=model, optimizer=optimizer, report=report, compute_dtype=compute_dtype,
-                    label=label, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
+                    label=label, mfu_peak_tflops=peak, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
                     flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env)
 
 

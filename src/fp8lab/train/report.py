@@ -11,8 +11,6 @@ from rich.markup import escape
 
 from fp8lab.config import JobConfig
 from fp8lab.env import device_name, peak_memory_gb, stack_versions
-from fp8lab.gpus import mfu_peak_tflops
-from fp8lab.precision import get_recipe
 from fp8lab.precision.fsdp import fp8_gathered_weights
 from fp8lab.precision.support import EMULATION_NOTE
 from fp8lab.train.build import RunParts
@@ -24,12 +22,6 @@ from fp8lab.ui import console
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def mfu_peak(parts: RunParts, recipe: str) -> float | None:
-    """MFU's denominator for what trains now (a rollback may change the recipe); None on CPU."""
-    dev = parts.device
-    return mfu_peak_tflops(device_name(dev), get_recipe(recipe).math) if dev.type == "cuda" else None
 
 
 def print_header(run_dir: Path, cfg: JobConfig, parts: RunParts, env: DistEnv, *, tokens_per_step: int) -> None:
@@ -58,7 +50,7 @@ def step_record(step: int, r: StepResult, dt: float, batches, *, cfg: JobConfig,
     """One metrics.jsonl record (README, "What a run writes")."""
     tps = tokens_per_step / dt  # all ranks together
     tflops = parts.flops_per_token * tps / env.world_size / 1e12  # per GPU, as the peak is
-    peak = mfu_peak(parts, cfg.precision.recipe)
+    peak = parts.mfu_peak_tflops
     rec = {
         "step": step, "loss": finite_or_none(r.loss), "lr": r.lr, "grad_norm": finite_or_none(r.grad_norm),
         "tokens": step * tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops": tflops,
@@ -91,7 +83,7 @@ def run_summary(run_dir: Path, cfg: JobConfig, parts: RunParts, env: DistEnv, re
         "tokens_per_s_median": statistics.median(timed) if timed else None,
         "mem_peak_gb": max((r["mem_peak_gb"] for r in recs), default=None),
         "params": sum(p.numel() for p in parts.model.parameters()), "flops_per_token": parts.flops_per_token,
-        "mfu_peak_tflops": mfu_peak(parts, cfg.precision.recipe), "notes": parts.notes,
+        "mfu_peak_tflops": parts.mfu_peak_tflops, "notes": parts.notes,
         "parallel": {"data_parallel": cfg.parallel.data_parallel, "world_size": env.world_size,
                      "fp8_gathered_weights": fp8_gathered_weights(parts.model)},
         "versions": stack_versions(),

@@ -60,10 +60,10 @@ class Trainer:
     def close(self, *, failed: bool = False) -> None:
         """Let go of the run directory and what was opened in it (run() does this when it ends;
         closing twice is harmless)."""
-        for name in ("logs", "parts"):
-            thing = getattr(self, name, None)
-            if thing is not None:
-                (thing.loader if name == "parts" else thing).close()
+        if getattr(self, "logs", None) is not None:
+            self.logs.close()
+        if getattr(self, "parts", None) is not None:
+            self.parts.loader.close()
         if self.lock is not None:
             self.lock.release(failed=failed)
 
