@@ -80,3 +80,44 @@ def all_rows(path: Path, split: str) -> np.ndarray:
 def listing(root: Path) -> list[str]:
     """Names directly under `root` (to see that nothing, not even a temporary dir, was left)."""
     return sorted(p.name for p in Path(root).iterdir())
+
+
+# Llama 3's chat template, as its tokenizer_config.json has it.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def make_tokenizer_folder(folder: Path, *, config: dict | None = None, vocab_size: int = 400) -> Path:
+    """A Llama-3-style tokenizer folder: a byte-level BPE tokenizer.json trained here with Llama 3's
+    special tokens, whose post-processor adds <|begin_of_text|> (as Llama 3's does), and a
+    tokenizer_config.json (`config`, default: BOS, EOS <|eot_id|> and Llama 3's chat template;
+    None values are left out)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CHAT_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(make_docs(200, seed=3), trainer=trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(folder / "tokenizer.json"))
+    settings = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
+                **(config or {})}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    return folder
+
+
+def write_lines(path: Path, records: list) -> Path:
+    """JSON lines, one record each (a str record is written as it is: for malformed lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -178,8 +178,7 @@ def test_bad_choice_lists_allowed_values(key, value, match):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("train.steps", "-1", r"train\.steps=-1 must be > 0"),
-    ("train.steps", "0", r"train\.steps=0 must be > 0"),
+    ("train.steps", "-1", r"train\.steps=-1 must be >= 0"),
     ("train.eval_interval", "-5", r"train\.eval_interval=-5 must be >= 0"),
     ("model.dim", "-64", r"model\.dim=-64 must be > 0"),
     ("data.micro_batch_size", "0", r"data\.micro_batch_size=0 must be > 0"),

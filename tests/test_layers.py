@@ -6,6 +6,8 @@ Layers, bottom to top (a component may import its own modules and anything in a 
     0  leaf helpers   errors fsutil procs env gpus ui lock (and the package root)
     1  models, data   pure nn.Modules; shards, datasets, loader, prepare (not each other)
     2  precision      recipes, support, the converter, FSDP hooks, telemetry
+    2  interop        Hugging Face folders in and out: config, name table, safetensors, tokenizer files
+                      (beside precision: neither imports the other)
     3  perf           roofline, GEMM and layer timing caches, the layer policy
     4  config         JobConfig: imports registries only
     5  train          build, step, trainer, rollback, guard, checkpoint, ...
@@ -29,8 +31,8 @@ from helpers import SRC
 PKG = SRC / "fp8lab"
 RANKS = {
     **{leaf: 0 for leaf in ("errors", "fsutil", "procs", "env", "gpus", "ui", "lock", "__init__")},
-    "models": 1, "data": 1, "precision": 2, "perf": 3, "config": 4, "train": 5, "bench": 6, "compare": 6,
-    "commands": 7, "cli": 8, "__main__": 9,
+    "models": 1, "data": 1, "precision": 2, "interop": 2, "perf": 3, "config": 4, "train": 5, "bench": 6,
+    "compare": 6, "commands": 7, "cli": 8, "__main__": 9,
 }
 
 

@@ -64,11 +64,19 @@ class ModelConfig:
     ffn_dim: Optional[int] = opt(None, "override the preset's SwiGLU hidden size")
     tie_embeddings: Optional[bool] = opt(None, "override whether the output head shares the embedding weights")
     max_seq_len: Optional[int] = opt(None, "override the preset's maximum sequence length")
+    init_from: Optional[str] = opt(None, "hf:PATH, a local Hugging Face Llama folder: the model's shape and initial "
+                                         "weights (no other model.* key; prepare the data with --tokenizer PATH)")
 
     def __post_init__(self):
         _check_choices(self, "model")
         _positive("model", self, "vocab_size", allow_zero=True)
         _positive("model", self, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        shape = [f"model.{k}={v}" for k, v in dataclasses.asdict(self).items()
+                 if v is not None and k not in ("preset", "init_from") and (k != "vocab_size" or v)]
+        if self.init_from is not None and (shape or not self.init_from.startswith("hf:") or self.init_from == "hf:"):
+            raise FP8LabError(
+                f"{', '.join(shape)} cannot be combined with model.init_from: its config.json sets the shape" if shape
+                else f"model.init_from={self.init_from!r}: expected hf:PATH, a local Hugging Face model folder")
 
 
 @dataclass
@@ -81,6 +89,9 @@ class DataConfig:
     embedded_bytes: int = opt(4_000_000, "byte budget of the embedded corpus")
     verify: str = opt("size", "checks on open: header and sizes, or also every shard's sha256",
                       choices=("size", "full"))
+    document_mask: bool = opt(False, "documents packed into one sequence do not attend to each other (a "
+                                     "boolean mask in SDPA, from the data's document starts or its EOS "
+                                     "tokens); off: plain causal attention over the whole window")
 
     def __post_init__(self):
         _check_choices(self, "data")
@@ -94,7 +105,7 @@ STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(100, "optimizer steps to train for")
+    steps: int = opt(100, "optimizer steps to train for (0: evaluate and save the step-0 checkpoint only)")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
     loss_chunk_tokens: int = opt(0, "compute the output layer and loss this many tokens at a time, "
                                     "recomputing them in backward, so the full fp32 logits never exist "
@@ -117,8 +128,8 @@ class TrainConfig:
         if bad:
             raise FP8LabError(f"train.stop_signals={self.stop_signals!r}: {', '.join(map(repr, bad))} cannot be "
                               f"caught to save and stop; choose from {', '.join(STOP_SIGNALS)} (Ctrl-C stops at once)")
-        _positive("train", self, "steps", "grad_accum_steps", "eval_batches")
-        _positive("train", self, "seed", "eval_interval", "threads", "loss_chunk_tokens", allow_zero=True)
+        _positive("train", self, "grad_accum_steps", "eval_batches")
+        _positive("train", self, "steps", "seed", "eval_interval", "threads", "loss_chunk_tokens", allow_zero=True)
 
 
 @dataclass
@@ -292,7 +303,7 @@ class JobConfig:
         if self.parallel.data_parallel == "fsdp" and (self.logging.telemetry_interval or self.guard.per_layer):
             raise FP8LabError("logging.telemetry_interval and guard.per_layer do not work with "
                               "parallel.data_parallel=fsdp yet (telemetry hooks see sharded weights); turn them off")
-        if self.optim.warmup_steps > self.train.steps:
+        if self.optim.warmup_steps > self.train.steps > 0:
             raise FP8LabError(
                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}; "
                 "lower the warm-up or train longer"

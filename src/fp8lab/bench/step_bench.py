@@ -94,14 +94,18 @@ def random_dataset(*, vocab: int, seq_len: int, count: int) -> Path:
     from fp8lab.data import DatasetExistsError, write_dataset
     from fp8lab.env import cache_dir
 
-    path = cache_dir() / "bench-data" / f"random-v{vocab}-s{seq_len}-n{count}"
+    path = cache_dir() / "bench-data" / f"random-v{vocab}-s{seq_len}-n{count}-eos"
     if (path / "manifest.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens = np.random.default_rng(0).integers(0, vocab, size=(count, seq_len + 1))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab - 1, size=(count, seq_len + 1))
+    # Documents of random lengths (mean seq_len / 4) end in the last id, its EOS, so that
+    # data.document_mask has documents to keep apart and its cost is measured on real structure.
+    tokens[rng.random(tokens.shape) < 4 / seq_len] = vocab - 1
     try:
         # val: build() needs one held-out batch even though bench never evaluates.
-        return write_dataset(path, train=[tokens], val=[tokens], seq_len=seq_len, vocab_size=vocab, eos_id=None,
+        return write_dataset(path, train=[tokens], val=[tokens], seq_len=seq_len, vocab_size=vocab, eos_id=vocab - 1,
                              tokenizer={"type": "random"}, sources=[{"kind": "random", "seed": 0}])
     except DatasetExistsError:
         if (path / "manifest.json").exists():  # another bench wrote it first

@@ -23,6 +23,12 @@ safety: DIR is built as DIR.tmp-PID and renamed when complete; DIR.lock keeps a 
 the same DIR out (it names the PID holding it). Ctrl-C or SIGTERM removes DIR.tmp-PID; after
 kill -9, the next run on DIR removes it (and says so).
 
+instruction data (--format prompt-completion | chat, .jsonl / .jsonl.gz, one example per line):
+prompt-completion lines are {"prompt": "...", "completion": "..."}, loss on the completion and
+EOS; chat lines are {"messages": [{"role": "user", "content": "..."}, ...]}, rendered with the
+chat template of --tokenizer FOLDER (tokenizer_config.json or chat_template.jinja), loss on the
+assistant turns only. Examples are packed whole; per-token loss flags are stored with the shards.
+
 exit codes: 0 done; 2 bad input, DIR in use or not writable; 130 Ctrl-C; 143 SIGTERM."""
 
 
@@ -41,8 +47,10 @@ def register(sub) -> None:
     p.add_argument("--input", "-i", action="extend", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help="files, directories or globs (quote them; ** is recursive); repeatable")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    p.add_argument("--tokenizer", default="byte", metavar="byte|FILE",
-                   help="'byte' (built-in, 256 bytes + EOS) or a local Hugging Face tokenizer.json (default: byte)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|FILE|DIR",
+                   help="'byte' (built-in, 256 bytes + EOS), a local Hugging Face tokenizer.json, or a tokenizer "
+                        "folder (tokenizer.json + tokenizer_config.json / chat_template.jinja, saved with the data; "
+                        "its eos_token, bos_token and chat template are used) (default: byte)")
     p.add_argument("--train-tokenizer", action="store_true",
                    help="train a byte-level BPE of --vocab-size on the input itself; saved with the data")
     p.add_argument("--vocab-size", type=int, metavar="N",
@@ -52,12 +60,19 @@ def register(sub) -> None:
     p.add_argument("--ext", metavar=".EXT,...",
                    help="read files with these extensions (comma-separated, e.g. .py,.md) as plain text, one "
                         "document per file; a directory then gives exactly those files")
+    p.add_argument("--format", default="text", choices=("text", "prompt-completion", "chat"),
+                   help="text: documents for pretraining (default); prompt-completion: JSON lines with prompt and "
+                        "completion, loss on the completion; chat: JSON lines with messages, rendered with the "
+                        "tokenizer's chat template, loss on assistant turns")
+    p.add_argument("--overflow", default="truncate", choices=("truncate", "drop"),
+                   help="an instruction example longer than --seq-len + 1 tokens: keep its first seq_len + 1 "
+                        "tokens (default) or leave it out; counted either way")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
     p.add_argument("--seq-len", type=int, metavar="N",
                    help="tokens per training sequence (default 512; 2-D .npy: L - 1)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="one document per sequence, padded; padding carries no loss")
+                   help="one document (instruction example) per sequence, padded; padding carries no loss")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
                    help="share of documents (rows for 2-D .npy) held out for validation (default 0.01)")
     p.add_argument("--encoding-errors", choices=("replace", "error"), default="replace",
@@ -126,7 +141,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             vocab_size=args.vocab_size, eos_token=args.eos_token, eos_id=args.eos_id, text_field=args.text_field,
             text_column=args.text_column, seq_len=args.seq_len, pack=args.pack, val_fraction=args.val_fraction,
             encoding_errors=args.encoding_errors, shard_tokens=args.shard_tokens, progress=bar, ext=args.ext,
-            max_line_bytes=args.max_line_bytes,
+            max_line_bytes=args.max_line_bytes, format=args.format, overflow=args.overflow,
         )
     except (prep.Terminated, KeyboardInterrupt) as e:
         # Handled here, not by the CLI's generic Ctrl-C message (which speaks of checkpoints).
@@ -145,7 +160,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     for col in ("", "train", "val", "total"):
         t.add_column(col, justify="right" if col else "left")
     for label, key in (("documents", "documents"), ("tokens", "tokens"), ("sequences", "sequences"),
-                       ("dropped tokens", "dropped_tokens")):
+                       ("dropped tokens", "dropped_tokens"), *INSTRUCT_ROWS):
+        if key not in s["train"]:
+            continue  # instruction-data rows, for text data
         a, b = s["train"][key], s["val"][key]
         t.add_row(label, f"{a:,d}", f"{b:,d}", f"{a + b:,d}")
     slots = (s["train"]["sequences"] + s["val"]["sequences"]) * report.seq_len
@@ -162,6 +179,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         out.print(f"[yellow]note: {escape(note)}[/]")
     out.print(f"train with: fp8lab train --data.path={report.path} --data.seq_len={report.seq_len}")
     return 0
+
+
+INSTRUCT_ROWS = (("loss tokens", "loss_tokens"), ("truncated examples", "truncated_examples"),
+                 ("dropped: too long", "dropped_examples"), ("dropped: no loss", "no_loss_examples"))
 
 
 def _eval_notes(val_sequences: int) -> list[str]:

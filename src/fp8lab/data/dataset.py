@@ -7,7 +7,6 @@ so anything found at the final path with a manifest is a finished write.
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fp8lab.data.flags import FlagsStream, flags_name, open_flags_entry, write_flags
 from fp8lab.data.shards import Shard, ShardStream, open_shard, sha256_file, write_shard
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import fsync_dir, os_error
@@ -33,19 +33,23 @@ class DatasetExistsError(FP8LabError):
 
 
 class Split:
-    """The sequences of one split, in file order, across all of its shards."""
+    """The sequences of one split, in file order, across all of its shards; with `flags` (one
+    (count, seq_len + 1) uint8 array per shard, instruction data) the per-token flags too."""
 
     def __init__(
-        self, *, name: str, path: Path, seq_len: int, vocab_size: int, shards: list[Shard], pad_id: int | None = None
+        self, *, name: str, path: Path, seq_len: int, vocab_size: int, shards: list[Shard], pad_id: int | None = None,
+        eos_id: int | None = None, flags: list[np.ndarray] | None = None,
     ) -> None:
         self.name = name
         self.path = path
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.pad_id = pad_id  # targets holding it carry no loss (data prepared with --no-pack)
+        self.eos_id = eos_id  # where flags are absent, the token after it starts a new document
         self.shards = tuple(shards)
         # Plain ndarray views: indexing an np.memmap subclass costs extra Python on the hot path.
         self._arrays = [s.tokens.view(np.ndarray) for s in shards]
+        self._flags = None if flags is None else [f.view(np.ndarray) for f in flags]
         counts = np.array([s.count for s in shards], dtype=np.int64)
         self._ends = np.cumsum(counts)
         self._starts = self._ends - counts
@@ -64,12 +68,33 @@ class Split:
             raise IndexError(f"split {self.name!r} has {self._len} sequences; indices span [{idx.min()}, {idx.max()}]")
         return self.take(idx)
 
+    @property
+    def has_flags(self) -> bool:
+        """Whether per-token flags (loss and document starts, fp8lab.data.flags) come with the tokens."""
+        return self._flags is not None
+
+    def gather_flags(self, indices: np.ndarray) -> np.ndarray:
+        """The flags of the windows at `indices`, as a new (n, seq_len + 1) uint8 array."""
+        if self._flags is None:
+            raise FP8LabError(f"split {self.name!r} of {self.path} has no flags files (it is not instruction data)")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._len):
+            raise IndexError(f"split {self.name!r} has {self._len} sequences; indices span [{idx.min()}, {idx.max()}]")
+        return self.take_flags(idx)
+
     def take(self, idx: np.ndarray) -> np.ndarray:
         """gather() without the bounds check, for int64 indices known to be valid (the loader's own
         permutation): two reductions less per batch on the hot path."""
-        if len(self._arrays) == 1:
-            return self._arrays[0][idx]
-        dtype = self._arrays[0].dtype if self._arrays else np.uint16
+        return self._take(self._arrays, idx)
+
+    def take_flags(self, idx: np.ndarray) -> np.ndarray:
+        """gather_flags() without the checks, for valid int64 indices of a split that has flags."""
+        return self._take(self._flags, idx)
+
+    def _take(self, arrays: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+        if len(arrays) == 1:
+            return arrays[0][idx]
+        dtype = arrays[0].dtype if arrays else np.uint16
         out = np.empty((idx.size, self.seq_len + 1), dtype=dtype)
         # Group the rows by shard with one stable argsort, then one gather per shard present:
         # a few numpy calls per batch instead of a boolean mask over the batch per shard.
@@ -77,11 +102,11 @@ class Split:
         order = np.argsort(which, kind="stable")
         grouped = which[order]
         local = idx[order] - self._starts[grouped]
-        bounds = np.searchsorted(grouped, np.arange(len(self._arrays) + 1)).tolist()
-        for s in range(len(self._arrays)):
+        bounds = np.searchsorted(grouped, np.arange(len(arrays) + 1)).tolist()
+        for s in range(len(arrays)):
             lo, hi = bounds[s], bounds[s + 1]
             if lo < hi:
-                out[order[lo:hi]] = self._arrays[s][local[lo:hi]]
+                out[order[lo:hi]] = arrays[s][local[lo:hi]]
         return out
 
 
@@ -102,6 +127,18 @@ class Dataset:
     def tokenizer_file(self) -> Path | None:
         """The tokenizer saved with the data (tokenizer.json), or None for byte-level / unknown."""
         name = self.tokenizer.get("file")
+        return self.path / name if name else None
+
+    @property
+    def tokenizer_config_file(self) -> Path | None:
+        """The tokenizer_config.json saved with the data (from a tokenizer folder), or None."""
+        name = self.tokenizer.get("config_file")
+        return self.path / name if name else None
+
+    @property
+    def chat_template_file(self) -> Path | None:
+        """The chat_template.jinja saved with the data (from a tokenizer folder that has one), or None."""
+        name = self.tokenizer.get("chat_template_file")
         return self.path / name if name else None
 
     def split(self, name: str) -> Split:
@@ -152,8 +189,9 @@ class DatasetWriter:
         if exc_type is not None:
             self.abort()
 
-    def add_shard(self, split: str, tokens: np.ndarray) -> dict:
-        """Write `tokens` (sequences, seq_len + 1) as the next shard of `split`; return its entry."""
+    def add_shard(self, split: str, tokens: np.ndarray, *, flags: np.ndarray | None = None) -> dict:
+        """Write `tokens` (sequences, seq_len + 1) as the next shard of `split`, with its per-token
+        `flags` (same shape, fp8lab.data.flags) when given; return its entry."""
         # write_shard gives non-arrays and bad token ids their own messages; the width is ours to check.
         if isinstance(tokens, np.ndarray) and tokens.ndim == 2 and tokens.shape[1] != self.seq_len + 1:
             raise FP8LabError(
@@ -168,6 +206,10 @@ class DatasetWriter:
             eos_id=self.eos_id,
             pad_id=self.pad_id,
         )
+        if flags is not None:
+            if not isinstance(flags, np.ndarray) or flags.shape[:1] != (entry["sequences"],):
+                raise FP8LabError(f"{self.out_dir}: flags for {entry['file']} must have {entry['sequences']} rows")
+            entry["flags"] = write_flags(self.tmp / flags_name(entry["file"]), flags, seq_len=self.seq_len)
         entries.append(entry)
         return entry
 
@@ -177,11 +219,24 @@ class DatasetWriter:
         return ShardStream(self.tmp / f"{split}_{len(entries):05d}.bin", seq_len=self.seq_len,
                            vocab_size=self.vocab_size, eos_id=self.eos_id, pad_id=self.pad_id)
 
-    def close_shard(self, split: str, stream: ShardStream) -> dict:
-        """Finish a shard from `open_shard` and list it in the manifest."""
+    def open_flags(self, stream: ShardStream) -> FlagsStream:
+        """Start the flags file of shard `stream` (from `open_shard`); hand both to `close_shard`."""
+        return FlagsStream(stream.path.with_name(flags_name(stream.path.name)), seq_len=self.seq_len)
+
+    def close_shard(self, split: str, stream: ShardStream, *, flags: FlagsStream | None = None) -> dict:
+        """Finish a shard from `open_shard` (and its flags from `open_flags`) and list it in the manifest."""
         entry = stream.close()
+        if flags is not None:
+            if flags.count != stream.count:
+                raise FP8LabError(f"{stream.path}: {stream.count} windows but {flags.count} rows of flags")
+            entry["flags"] = flags.close()
         self.splits[split].append(entry)
         return entry
+
+    def add_files(self, files: dict[str, bytes]) -> None:
+        """add_file for each {name: bytes} (a tokenizer's files, say)."""
+        for name, data in files.items():
+            self.add_file(name, data)
 
     def add_file(self, name: str, data: bytes) -> str:
         """Store `data` as `name` next to the shards (e.g. tokenizer.json); return its sha256."""
@@ -260,43 +315,6 @@ def make_parent(out_dir: Path) -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, path=out_dir.parent, action="create directory") from None
-
-
-def temp_dirs(out_dir: Path) -> dict[Path, int]:
-    """{temporary directory: writer PID} of every DatasetWriter build of `out_dir` found beside it."""
-    found = {}
-    for p in out_dir.parent.glob(f"{glob.escape(out_dir.name)}{TMP_INFIX}*"):
-        pid = p.name[len(out_dir.name) + len(TMP_INFIX) :]
-        if pid.isdigit() and p.is_dir() and not p.is_symlink():
-            found[p] = int(pid)
-    return found
-
-
-def remove_stale_temps(out_dir: Path) -> list[Path]:
-    """Delete the temporary directories of `out_dir` whose writer process is gone (kill -9, power
-    loss: nothing could clean up); return them. A live PID's directory is left alone, even if
-    the PID was reused by an unrelated process: wrongly keeping costs disk, wrongly deleting
-    would break a running writer. PIDs are this machine's (and this PID namespace's)."""
-    removed = []
-    for path, pid in sorted(temp_dirs(out_dir).items()):
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
-                removed.append(path)
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    except OverflowError:
-        return False
-    return True
 
 
 def write_dataset(
@@ -405,18 +423,21 @@ def _open_entry(*, path: Path, manifest: dict, entry: object, verify: str) -> Sh
     return shard
 
 
-def _check_tokenizer_file(*, path: Path, tokenizer: dict, verify: str) -> None:
-    name = tokenizer.get("file")
-    if name is None:
-        return
-    mpath = path / MANIFEST
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        raise FP8LabError(f"{mpath}: tokenizer file {name!r} must be a plain file name inside {path}")
-    if not (path / name).is_file():
-        raise FP8LabError(f"tokenizer file {path / name} listed in {mpath} is missing; prepare the data again")
-    if verify == "full" and sha256_file(path / name) != tokenizer.get("sha256"):
-        raise FP8LabError(f"tokenizer file {path / name} changed since it was prepared (sha256 differs); "
-                          "prepare the data again")
+def _check_tokenizer_files(*, path: Path, tokenizer: dict, verify: str) -> None:
+    # tokenizer.json, and from a tokenizer folder tokenizer_config.json and chat_template.jinja.
+    for key, sha_key in (("file", "sha256"), ("config_file", "config_sha256"),
+                         ("chat_template_file", "chat_template_sha256")):
+        name = tokenizer.get(key)
+        if name is None:
+            continue
+        mpath = path / MANIFEST
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise FP8LabError(f"{mpath}: tokenizer file {name!r} must be a plain file name inside {path}")
+        if not (path / name).is_file():
+            raise FP8LabError(f"tokenizer file {path / name} listed in {mpath} is missing; prepare the data again")
+        if verify == "full" and sha256_file(path / name) != tokenizer.get(sha_key):
+            raise FP8LabError(f"tokenizer file {path / name} changed since it was prepared (sha256 differs); "
+                              "prepare the data again")
 
 
 def open_dataset(path: str | os.PathLike, *, verify: str = "size") -> Dataset:
@@ -428,18 +449,19 @@ def open_dataset(path: str | os.PathLike, *, verify: str = "size") -> Dataset:
         raise FP8LabError(f"verify must be 'size' or 'full', got {verify!r}")
     path = Path(path)
     manifest = _read_manifest(path)
-    _check_tokenizer_file(path=path, tokenizer=manifest["tokenizer"], verify=verify)
-    splits = {
-        name: Split(
-            name=name,
-            path=path,
-            seq_len=manifest["seq_len"],
-            vocab_size=manifest["vocab_size"],
-            shards=[_open_entry(path=path, manifest=manifest, entry=e, verify=verify) for e in entries],
-            pad_id=manifest["pad_id"],
-        )
-        for name, entries in manifest["splits"].items()
-    }
+    _check_tokenizer_files(path=path, tokenizer=manifest["tokenizer"], verify=verify)
+    entries = [e for es in manifest["splits"].values() for e in es]
+    with_flags = sum(isinstance(e, dict) and "flags" in e for e in entries)
+    if with_flags not in (0, len(entries)):  # the loader's loss mask must cover all of the data or none
+        raise FP8LabError(f"{path / MANIFEST} lists flags for {with_flags} of {len(entries)} shards; "
+                          "prepare the data again")
+    splits = {}
+    for name, entries in manifest["splits"].items():
+        shards = [_open_entry(path=path, manifest=manifest, entry=e, verify=verify) for e in entries]
+        flags = [open_flags_entry(path=path, mpath=path / MANIFEST, entry=e["flags"], shard=s, verify=verify)
+                 for e, s in zip(entries, shards, strict=True)] if with_flags else None
+        splits[name] = Split(name=name, path=path, seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"],
+                             shards=shards, pad_id=manifest["pad_id"], eos_id=manifest["eos_id"], flags=flags)
     return Dataset(
         path=path,
         seq_len=manifest["seq_len"],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fp8lab.data.dataset import Split
+from fp8lab.data.flags import FLAG_DOC_START, FLAG_LOSS
 from fp8lab.errors import FP8LabError
 
 IGNORE_INDEX = -100  # the target id that carries no loss (torch cross_entropy's default ignore_index)
@@ -26,7 +27,9 @@ def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _to_pair(windows: np.ndarray, *, pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_pair(
+    windows: np.ndarray, *, pad_id: int | None = None, flags: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     # Converting each half straight from the narrow dtype writes the same bytes as converting the
     # window once and copying the inputs, but leaves both tensors contiguous.
     inputs = torch.from_numpy(windows[:, :-1].astype(np.int64))
@@ -35,7 +38,38 @@ def _to_pair(windows: np.ndarray, *, pad_id: int | None = None) -> tuple[torch.T
     if pad_id is not None:
         # Inputs keep the pad id (a valid embedding row; its outputs are all masked), targets lose it.
         targets[shifted == pad_id] = IGNORE_INDEX
+    if flags is not None:
+        # Target j is token j + 1: its loss bit sits in flags[:, j + 1] (prompts, padding: no loss).
+        targets[(flags[:, 1:] & FLAG_LOSS) == 0] = IGNORE_INDEX
     return inputs, torch.from_numpy(targets)
+
+
+def _doc_ids(windows: np.ndarray, *, flags: np.ndarray | None, eos_id: int | None) -> torch.Tensor:
+    """(B, seq_len) int32: the 0-based document of each input position within its window. A
+    document starts where the flags say (instruction data), else at each EOS input: the EOS that
+    ends one document is the next one's BOS, so every position lies in exactly one "EOS + document"
+    sequence and the masked window computes what those sequences would compute one by one."""
+    starts = np.empty((len(windows), windows.shape[1] - 1), dtype=np.int32)
+    starts[:, 0] = 0  # whatever it is, the first position belongs to the window's first document
+    if flags is not None:
+        starts[:, 1:] = (flags[:, 1:-1] & FLAG_DOC_START) != 0
+    else:
+        starts[:, 1:] = windows[:, 1:-1] == eos_id
+    return torch.from_numpy(np.cumsum(starts, axis=1, dtype=np.int32))
+
+
+def _check_documents(split: Split) -> None:
+    if not split.has_flags and split.eos_id is None:
+        raise FP8LabError(f"data {split.path} has no EOS id and no flags files, so documents cannot be told apart "
+                          "for document masking; prepare it with a tokenizer that has an EOS (or --eos-id for .npy "
+                          "streams), or turn document masking off")
+
+
+def _batch(split: Split, windows: np.ndarray, flags: np.ndarray | None, *, documents: bool) -> tuple:
+    inputs, targets = _to_pair(windows, pad_id=split.pad_id, flags=flags)
+    if not documents:
+        return inputs, targets
+    return inputs, targets, _doc_ids(windows, flags=flags, eos_id=split.eos_id)
 
 
 def _epoch_order(epoch: int, *, n: int, seed: int, rank: int, world_size: int, per_rank: int, shuffle: bool):
@@ -43,7 +77,7 @@ def _epoch_order(epoch: int, *, n: int, seed: int, rank: int, world_size: int, p
     return perm[rank::world_size][:per_rank]
 
 
-def _make_batch(split: Split, rows: np.ndarray, *, vocab_size: int | None, pin: bool):
+def _make_batch(split: Split, rows: np.ndarray, *, vocab_size: int | None, pin: bool, documents: bool = False):
     windows = split.take(rows)  # rows come from our own permutation: always in range
     if vocab_size is not None:
         top = int(windows.max())
@@ -53,10 +87,8 @@ def _make_batch(split: Split, rows: np.ndarray, *, vocab_size: int | None, pin: 
                 f"vocab_size is {vocab_size}; raise model.vocab_size to at least {top + 1} "
                 "or re-tokenize the data"
             )
-    inputs, targets = _to_pair(windows, pad_id=split.pad_id)
-    if pin:
-        inputs, targets = inputs.pin_memory(), targets.pin_memory()
-    return inputs, targets
+    batch = _batch(split, windows, split.take_flags(rows) if split.has_flags else None, documents=documents)
+    return tuple(t.pin_memory() for t in batch) if pin else batch
 
 
 def _prefetch_worker(q: queue.Queue, stop: threading.Event, *, make, order_of, epoch, position, per_epoch, batch):
@@ -82,12 +114,16 @@ def _prefetch_worker(q: queue.Queue, stop: threading.Event, *, make, order_of, e
 
 
 class TokenLoader:
-    """Endless (inputs, targets) int64 CPU batches of shape (batch_size, seq_len) from `split`.
+    """Endless (inputs, targets) int64 CPU batches of shape (batch_size, seq_len) from `split`;
+    with `documents=True`, (inputs, targets, docs): docs is int32 (batch_size, seq_len), the
+    0-based document of each input position within its row (from the flags of instruction
+    data, else a new document at each EOS input), for document masking in attention.
 
     Each epoch is a seeded permutation of the split; rank r takes perm[r::world_size], cut to
     the same length on every rank, so no sequence is served twice per epoch across ranks.
     Batches never straddle epochs: the partial tail of each rank's order is dropped.
-    Data prepared with padding (a pad id) yields IGNORE_INDEX targets at the padded positions.
+    Data prepared with padding (a pad id) yields IGNORE_INDEX targets at the padded positions,
+    instruction data (flags files) at every target without loss (prompts, padding).
 
     `prefetch=N` computes up to N batches ahead in a background thread (same batches, same
     state); `pin_memory=True` pins them for fast, asynchronous host-to-GPU copies (needs CUDA).
@@ -108,6 +144,7 @@ class TokenLoader:
         max_seq_len: int | None = None,
         prefetch: int = 0,
         pin_memory: bool = False,
+        documents: bool = False,
     ) -> None:
         for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("world_size", world_size, 1)):
             if not _is_int(value) or value < low:
@@ -126,7 +163,10 @@ class TokenLoader:
                 f"data {split.path} has sequences of {split.seq_len} tokens but the model's max_seq_len is "
                 f"{max_seq_len}; prepare the data with --seq-len {max_seq_len} or less, or use a longer model"
             )
+        if documents:
+            _check_documents(split)
         self.split = split
+        self.documents = bool(documents)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -154,7 +194,8 @@ class TokenLoader:
             per_rank=self._per_rank,
             shuffle=shuffle,
         )
-        self._make = functools.partial(_make_batch, split, vocab_size=vocab_size, pin=self.pin_memory)
+        self._make = functools.partial(_make_batch, split, vocab_size=vocab_size, pin=self.pin_memory,
+                                       documents=self.documents)
         self._worker: tuple[queue.Queue, threading.Event, threading.Thread] | None = None
         self._epoch = 0
         self._position = 0
@@ -176,8 +217,9 @@ class TokenLoader:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return self._order_of(epoch)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (inputs, targets) pair; rolls over to the next epoch when this one is used up."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next (inputs, targets) pair, or (inputs, targets, docs) with `documents`; rolls over to
+        the next epoch when this one is used up."""
         if self.prefetch:
             batch = self._next_prefetched()
         else:
@@ -190,7 +232,7 @@ class TokenLoader:
         self._position += 1
         return batch
 
-    def _next_prefetched(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_prefetched(self) -> tuple[torch.Tensor, ...]:
         if self._position == self.batches_per_epoch:
             self._epoch, self._position = self._epoch + 1, 0
         if self._worker is None:
@@ -255,8 +297,11 @@ class TokenLoader:
         self._epoch, self._position = int(epoch), int(position)
 
 
-def eval_batches(split: Split, *, batch_size: int, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first num_batches * batch_size sequences of `split` in file order, as fixed batches.
+def eval_batches(
+    split: Split, *, batch_size: int, num_batches: int, documents: bool = False
+) -> list[tuple[torch.Tensor, ...]]:
+    """The first num_batches * batch_size sequences of `split` in file order, as fixed batches:
+    (inputs, targets), or (inputs, targets, docs) with `documents` (as TokenLoader gives them).
 
     Uses fewer batches when the split is shorter (at least one); every run thus sees the same data.
     """
@@ -269,6 +314,12 @@ def eval_batches(split: Split, *, batch_size: int, num_batches: int) -> list[tup
             f"data split {split.name!r} in {split.path} has {len(split)} sequences, fewer than one eval batch of "
             f"{batch_size}; lower the eval batch size or prepare more data"
         )
+    if documents:
+        _check_documents(split)
     count = min(num_batches, available)
-    windows = split.gather(np.arange(count * batch_size))
-    return [_to_pair(windows[i * batch_size : (i + 1) * batch_size], pad_id=split.pad_id) for i in range(count)]
+    rows = np.arange(count * batch_size)
+    windows = split.gather(rows)
+    flags = split.take_flags(rows) if split.has_flags else None
+    return [_batch(split, windows[i * batch_size : (i + 1) * batch_size],
+                   None if flags is None else flags[i * batch_size : (i + 1) * batch_size], documents=documents)
+            for i in range(count)]

@@ -34,33 +34,39 @@ class Splitter:
 
 
 class ShardSink:
-    """Streams the windows of one split into shards of at most `rows_per_shard` sequences."""
+    """Streams the windows of one split into shards of at most `rows_per_shard` sequences; with
+    `flags`, each shard gets its flags file (fp8lab.data.flags) and `add` takes the flags too."""
 
-    def __init__(self, *, writer: DatasetWriter, split: str, rows_per_shard: int) -> None:
+    def __init__(self, *, writer: DatasetWriter, split: str, rows_per_shard: int, flags: bool = False) -> None:
         self.writer, self.split = writer, split
         self.rows_per_shard = max(1, rows_per_shard)
         self.stream = None
+        self.flags, self.flags_stream = flags, None
         self.sequences = 0
 
-    def add(self, windows: np.ndarray) -> None:
-        """Append (n, seq_len + 1) windows, starting a new shard whenever one is full."""
+    def add(self, windows: np.ndarray, flags: np.ndarray | None = None) -> None:
+        """Append (n, seq_len + 1) windows (and their flags), starting a new shard whenever one is full."""
+        if (flags is not None) != self.flags:
+            raise ValueError(f"ShardSink(flags={self.flags}).add was given flags={flags is not None}")
         done = 0
         while done < len(windows):
             if self.stream is None:
                 self.stream = self.writer.open_shard(self.split)
+                self.flags_stream = self.writer.open_flags(self.stream) if self.flags else None
             take = min(self.rows_per_shard - self.stream.count, len(windows) - done)
             self.stream.append(windows[done : done + take])
+            if flags is not None:
+                self.flags_stream.append(flags[done : done + take])
             done += take
             if self.stream.count == self.rows_per_shard:
-                self.writer.close_shard(self.split, self.stream)
-                self.stream = None
+                self.close()
         self.sequences += len(windows)
 
     def close(self) -> None:
         """Finish the last, partial shard (idempotent)."""
         if self.stream is not None:
-            self.writer.close_shard(self.split, self.stream)
-            self.stream = None
+            self.writer.close_shard(self.split, self.stream, flags=self.flags_stream)
+            self.stream = self.flags_stream = None
 
 
 class Packer:

@@ -20,6 +20,7 @@ statistics, but no time or host, so the same inputs and options give the same by
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fp8lab.data.arrays import iter_documents, iter_rows, open_npy
-from fp8lab.data.dataset import DatasetWriter, check_out_dir, make_parent, remove_stale_temps
+from fp8lab.data.dataset import DatasetWriter, check_out_dir, make_parent
+from fp8lab.data.instruct import FORMATS, OVERFLOW, prepare_instruct
 from fp8lab.data.pack import Packer, ShardSink, Splitter, row_is_val
 from fp8lab.data.readers import (
     FileStats,
@@ -43,6 +45,7 @@ from fp8lab.data.readers import (
     read_txt,
 )
 from fp8lab.data.shards import sha256_file
+from fp8lab.data.tempdirs import remove_stale_temps
 from fp8lab.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import NO_SPACE, os_error
@@ -152,6 +155,8 @@ def prepare_dataset(
     progress: Progress | None = None,
     ext: str | list[str] | None = None,
     max_line_bytes: int | None = None,
+    format: str = "text",
+    overflow: str = "truncate",
 ) -> PrepareReport:
     """Tokenize (or take pre-tokenized) `inputs` into a verified data directory at `out`.
 
@@ -162,7 +167,9 @@ def prepare_dataset(
     the input when `train_tokenizer`. `.npy` inputs are token ids (`vocab_size` or a tokenizer
     file gives the vocabulary): 1-D streams are split into documents at `eos_id`; 2-D (N, L)
     arrays keep their rows (seq_len = L - 1, row-level split). A JSON line longer than
-    `max_line_bytes` (default readers.MAX_LINE_BYTES, 64 MiB) is an error.
+    `max_line_bytes` (default readers.MAX_LINE_BYTES, 64 MiB) is an error. `format`
+    "prompt-completion" or "chat" reads instruction data instead (fp8lab.data.instruct), with
+    `overflow` ("truncate" or "drop") for examples longer than a window.
 
     Raises FP8LabError for bad input or an unwritable output (also when another run holds
     OUT.lock), Terminated on SIGTERM (see the module docstring); nothing is left at `out` then.
@@ -176,6 +183,9 @@ def prepare_dataset(
     _positive("--shard-tokens", shard_tokens)
     if max_line_bytes is not None:
         _positive("--max-line-bytes", max_line_bytes)
+    for name, value, allowed in (("--format", format, FORMATS), ("--overflow", overflow, OVERFLOW)):
+        if value not in allowed:
+            raise FP8LabError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise FP8LabError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
     decoder = TextDecoder(encoding_errors)
@@ -190,7 +200,7 @@ def prepare_dataset(
     opts = dict(tokenizer=tokenizer, train_tokenizer=train_tokenizer, vocab_size=vocab_size, eos_token=eos_token,
                 eos_id=eos_id, text_field=text_field, text_column=text_column, seq_len=seq_len, pack=pack,
                 val_fraction=float(val_fraction), shard_tokens=shard_tokens, encoding_errors=encoding_errors,
-                max_line_bytes=max_line_bytes)
+                max_line_bytes=max_line_bytes, format=format, overflow=overflow)
     make_parent(out)
     try:
         with sigterm_raises(), output_lock(out):
@@ -234,6 +244,8 @@ def _run(*, files, kinds, text_exts, out, decoder, progress, opts):
     ]
     total_bytes = sum(s["bytes"] for s in sources)
     run = _prepare_arrays if kinds == {"npy"} else _prepare_text
+    if opts["format"] != "text":
+        run = functools.partial(prepare_instruct, seq_len=opts["seq_len"] or DEFAULT_SEQ_LEN)
     stats, writer, notes = run(files=files, sources=sources, out=out, opts=opts, decoder=decoder, progress=progress,
                                total_bytes=total_bytes)
     return stats, writer, notes, total_bytes
@@ -302,8 +314,7 @@ def _prepare_text(*, files, sources, out, opts, decoder, progress, total_bytes):
     tok_record = {**tok.describe(), **({"pad_id": pad_id} if pad_id is not None else {})}
     window = seq_len + 1
     with DatasetWriter(out, seq_len=seq_len, vocab_size=vocab, eos_id=tok.eos_id, pad_id=pad_id) as writer:
-        if tok.json_bytes is not None:
-            writer.add_file("tokenizer.json", tok.json_bytes)
+        writer.add_files(tok.files())  # none for byte
         rows = max(1, opts["shard_tokens"] // window)
         sinks = {n: ShardSink(writer=writer, split=n, rows_per_shard=rows) for n in SPLITS}
         packers = {n: Packer(sink=sinks[n], window=window, pad_id=pad_id) for n in SPLITS}
@@ -421,7 +432,7 @@ def _prepare_arrays(*, files, sources, out, opts, decoder, progress, total_bytes
     file_vocab = vocab + (0 if opts["pack"] else 1)
     with DatasetWriter(out, seq_len=seq_len, vocab_size=file_vocab, eos_id=eos, pad_id=pad_id) as writer:
         if tok is not None:
-            writer.add_file("tokenizer.json", tok.json_bytes)
+            writer.add_files(tok.files())
         rows = max(1, opts["shard_tokens"] // window)
         sinks = {n: ShardSink(writer=writer, split=n, rows_per_shard=rows) for n in SPLITS}
         packers = {n: Packer(sink=sinks[n], window=window, pad_id=pad_id) for n in SPLITS}
@@ -459,7 +470,7 @@ def _prepare_rows(*, files, arrays, sources, out, opts, vocab, eos, tok, tok_rec
         raise FP8LabError(f"{files[0]} already holds fixed rows of {width} tokens; --no-pack does not apply")
     with DatasetWriter(out, seq_len=width - 1, vocab_size=vocab, eos_id=eos) as writer:
         if tok is not None:
-            writer.add_file("tokenizer.json", tok.json_bytes)
+            writer.add_files(tok.files())
         rows = max(1, opts["shard_tokens"] // width)
         sinks = {n: ShardSink(writer=writer, split=n, rows_per_shard=rows) for n in SPLITS}
         progress.phase("copying rows", total_bytes=sum(s["bytes"] for s in sources))

@@ -17,6 +17,36 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as Hugging Face's `rope_type`s define it: "linear" divides every
+    frequency by `factor`; "llama3" (Llama 3.1/3.2) divides the low frequencies by `factor`, keeps
+    the high ones, and blends in between (`low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`)."""
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    KNOWN = ("linear", "llama3")
+
+    def check(self) -> None:
+        """Raise ValueError naming what cannot build the tables."""
+        if self.rope_type not in self.KNOWN:
+            raise ValueError(f"rope scaling type {self.rope_type!r} is not supported (supported: "
+                             f"{', '.join(self.KNOWN)})")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3":
+            for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"llama3 rope scaling needs {name}")
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ValueError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                                 f"{self.low_freq_factor} and {self.high_freq_factor}")
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
@@ -28,10 +58,21 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # as dataclasses.asdict and a checkpoint's state.json give it
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        """The inverse of dataclasses.asdict (what a checkpoint's state.json holds); keys this
+        version does not know are ignored, missing ones take their defaults."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def check(self) -> None:
         """Raise ValueError naming the field when the shape cannot build a model."""
@@ -44,6 +85,8 @@ class ModelArgs:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check()
 
 
 class RMSNorm(nn.Module):
@@ -63,11 +106,31 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq_len, head_dim // 2), in fp32."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim // 2), in fp32 (computed in fp64)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """The RoPE frequencies under `s`, by the formulas of Hugging Face's modeling_rope_utils
+    (and Meta's Llama 3.1 reference code for llama3)."""
+    s.check()
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: wavelengths shorter than original_max / high_freq_factor are kept, longer than
+    # original_max / low_freq_factor are stretched by `factor`, and those between are blended.
+    wavelen = 2 * math.pi / inv_freq
+    old = s.original_max_position_embeddings
+    stretched = torch.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * stretched / s.factor + smooth * stretched
+    medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    return torch.where(medium, blended, stretched)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,7 +154,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -100,8 +164,10 @@ class Attention(nn.Module):
         # (B, n_heads, T, head_dim) for SDPA; enable_gqa shares each kv head across
         # n_heads // n_kv_heads query heads without materialising repeated k and v.
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        # mask None: plain causal attention (the fused kernels' fast path); else the boolean
+        # (B, 1, T, T) document mask from `document_mask`, causal already.
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -126,8 +192,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -144,7 +211,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         # Not persistent: derived from the args, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -171,11 +238,12 @@ class Transformer(nn.Module):
             head_std = self.args.dim ** -0.5
             nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size)."""
-        return self.output(self.hidden_states(tokens))
+    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size). `docs` (B, T), optional: the
+        document each position belongs to; positions attend only within their document."""
+        return self.output(self.hidden_states(tokens, docs))
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> the normed final hidden states (B, T, dim) the output layer
         reads: what a chunked loss starts from, so the full logits need never exist."""
         T = tokens.shape[1]
@@ -183,6 +251,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None if docs is None else document_mask(docs)  # built once, shared by every block
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, mask)
         return self.norm(h)
+
+
+def document_mask(docs: torch.Tensor) -> torch.Tensor:
+    """docs (B, T), the document of each position -> a boolean (B, 1, T, T) attention mask: query i
+    sees key j when j <= i and both lie in the same document. RoPE is relative, so a document
+    attended this way gives the outputs it would give alone at position 0 (no position reset)."""
+    T = docs.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+    return (docs[:, None, :, None] == docs[:, None, None, :]) & causal

@@ -22,6 +22,8 @@ from fp8lab.data import TokenLoader, embedded_dataset, eval_batches, open_datase
 from fp8lab.env import device_memory_bytes, device_name, pick_device
 from fp8lab.errors import FP8LabError
 from fp8lab.gpus import mfu_peak_tflops
+from fp8lab.interop.hf_llama import hf_folder, import_args, load_weights
+from fp8lab.interop.hf_tokenizer import check_data_tokenizer
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, param_counts, preset_args
 from fp8lab.perf.layer_policy import layer_policy
 from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
@@ -46,6 +48,8 @@ def open_data(cfg: JobConfig):
 
 def model_args_for(cfg: JobConfig, data_vocab: int) -> ModelArgs:
     m = cfg.model
+    if m.init_from:  # the Hugging Face config.json sets the whole shape
+        return import_args(hf_folder(m.init_from), data_vocab=data_vocab, seq_len=cfg.data.seq_len)
     vocab = m.vocab_size or -(-data_vocab // 64) * 64
     if vocab < data_vocab:
         raise FP8LabError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab}); "
@@ -85,9 +89,10 @@ class RunParts:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
 
-def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
+def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> RunParts:
     """Everything a run needs from `cfg`; `extra_skip` adds layers to keep in bf16 (the
-    guard's per-layer fallback)."""
+    guard's per-layer fallback). `fresh=False` when a checkpoint is loaded over the weights next:
+    model.init_from's weights are then not read (its config still sets the shape)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
@@ -107,18 +112,21 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
 
     ds = open_data(cfg)
     args = model_args_for(cfg, ds.vocab_size)
+    if cfg.model.init_from:
+        check_data_tokenizer(hf_folder(cfg.model.init_from), ds)
     env = dist_current()
     # On CUDA the next batches are gathered and pinned on a thread while the GPU computes;
     # on CPU that thread would only compete with the compute for the same cores.
     on_cuda = device.type == "cuda"
     loader = TokenLoader(ds.split("train"), batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed,
                          vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
-                         prefetch=2 if on_cuda else 0, pin_memory=on_cuda, rank=env.rank, world_size=env.world_size)
+                         prefetch=2 if on_cuda else 0, pin_memory=on_cuda, rank=env.rank, world_size=env.world_size,
+                         documents=cfg.data.document_mask)
     # The held-out batches are global (micro_batch_size x ranks sequences each) and every rank
     # evaluates its rows of them, so N ranks evaluate exactly what one process with N x B would.
-    held_out = [(x[env.rank::env.world_size], y[env.rank::env.world_size])
-                for x, y in eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size * env.world_size,
-                                         num_batches=cfg.train.eval_batches)]
+    held_out = [tuple(t[env.rank::env.world_size] for t in batch)
+                for batch in eval_batches(ds.split("val"), batch_size=cfg.data.micro_batch_size * env.world_size,
+                                          num_batches=cfg.train.eval_batches, documents=cfg.data.document_mask)]
     if len(held_out) < cfg.train.eval_batches:
         notes.append(f"the validation split of {ds.path} holds {len(ds.split('val'))} sequences: "
                      f"{len(held_out)} eval batch(es) of {cfg.data.micro_batch_size * env.world_size} instead of "
@@ -129,6 +137,11 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = ()) -> RunParts:
     seed_everything(cfg.train.seed)
     with torch.device(device):
         model = Transformer(args)
+    if cfg.model.init_from:
+        if fresh:  # into the plain fp32 model, before conversion, compile and sharding, as every initialisation
+            load_weights(model, hf_folder(cfg.model.init_from))
+        notes.append(f"model: {cfg.model.init_from[3:]} (Hugging Face Llama, {args.n_layers} layers, dim {args.dim}, "
+                     f"vocabulary {args.vocab_size:,})" + ("; initial weights from its safetensors" if fresh else ""))
     mode = cfg.precision.filter_mode
     # auto / roofline: the perf layer decides per shape (timed here, or predicted), the converter applies it.
     policy = layer_policy(recipe, mode=mode, device=device, filter_gpu=cfg.precision.filter_gpu,

@@ -402,6 +402,25 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
         raise DamagedCheckpoint(f"checkpoint {path} could not be loaded: {_cause(e)}") from None
 
 
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights as plain CPU tensors {fqn: tensor} (the "model." prefix
+    dropped), verified first; no model is built and TorchAO is not needed (export reads this)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise FP8LabError(f"checkpoint {path} is damaged: {problem}")
+    reader = SafeFileSystemReader(Path(path) / "dcp")
+    try:
+        metadata = reader.read_metadata()
+        targets = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                   for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+        with _quiet_single_process():
+            dcp.load(targets, storage_reader=reader, no_dist=True)
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, AttributeError, TypeError,
+            EOFError, pickle.UnpicklingError) as e:
+        raise FP8LabError(f"checkpoint {path} could not be read: {_cause(e)}") from None
+    return {k.removeprefix("model."): t for k, t in targets.items()}
+
+
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load only the model weights of a checkpoint into `model` (plain or converted, any
     recipe): what evaluation, export and fine-tuning start from."""

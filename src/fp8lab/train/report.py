@@ -34,7 +34,7 @@ def print_header(run_dir: Path, cfg: JobConfig, parts: RunParts, env: DistEnv, *
                       + (", weights all-gathered in FP8" if parts.report.fsdp_float8_all_gather else ""))
     n_params = sum(p.numel() for p in parts.model.parameters())
     console.print(
-        f"[bold]fp8lab train[/] {run_dir}: {cfg.model.preset} ({n_params / 1e6:.1f}M params) "
+        f"[bold]fp8lab train[/] {run_dir}: {escape(cfg.model.init_from or cfg.model.preset)} ({n_params / 1e6:.1f}M params) "
         f"on {device_name(parts.device)}, recipe {parts.label}, compute {dtype_name(parts.compute_dtype)}, "
         f"compile {'on' if parts.compiled else 'off'}, {tokens_per_step:,} tokens/step"
     )

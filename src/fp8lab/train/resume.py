@@ -62,7 +62,8 @@ def resume(run_dir: Path, cfg: JobConfig, newest: tuple[int, Path] | None, *, ke
         try:
             state = read_state(path)
             run_cfg = with_recipe(cfg, state["recipe"]) if not keep_recipe and state.get("recipe") else cfg
-            parts = build(run_cfg, extra_skip=state.get("bf16_layers", []))
+            # fresh=False: the checkpoint's weights replace the initial ones (model.init_from's are not read).
+            parts = build(run_cfg, extra_skip=state.get("bf16_layers", []), fresh=False)
             guard = Guard(run_cfg.guard)
             restore(path, state, parts, guard, world_size=world_size)
         except DamagedCheckpoint as e:

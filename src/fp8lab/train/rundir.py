@@ -3,6 +3,7 @@
 RUN/.lock            held by the one trainer writing RUN (its PID and command line inside)
 RUN/config.toml      the resolved config (written at start, updated on resume)
 RUN/checkpoints/     see checkpoint.py
+RUN/tokenizer/       the run's tokenizer files, for fp8lab export (written at start)
 RUN/*.jsonl          see logs.py
 RUN/summary.json     written at the end
 """
@@ -10,12 +11,16 @@ RUN/summary.json     written at the end
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import tomllib
 from pathlib import Path
 
 from fp8lab.config import JobConfig, config_from_dict
 from fp8lab.errors import FP8LabError
 from fp8lab.fsutil import atomic_write
+from fp8lab.interop.hf_llama import hf_folder
+from fp8lab.interop.hf_tokenizer import run_tokenizer_files
 from fp8lab.lock import DirLock
 from fp8lab.train.checkpoint import DamagedCheckpoint, newest_verified, read_state
 from fp8lab.train.schedule import lr_at
@@ -154,6 +159,25 @@ def write_run_config(run_dir: Path, cfg: JobConfig) -> None:
     """Create the run directory (if new) and record the resolved config in it."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(run_dir) / "config.toml", cfg.to_toml())
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_run_tokenizer(run_dir: Path, cfg: JobConfig, parts) -> None:
+    """Keep the tokenizer of the run built as `parts` (RunParts) in RUN/tokenizer/ (what `fp8lab
+    export` writes next to the weights; see interop/hf_tokenizer.py), replacing an earlier copy."""
+    hf_dir = hf_folder(cfg.model.init_from) if cfg.model.init_from else None
+    files = run_tokenizer_files(dataset=parts.dataset, hf_dir=hf_dir, max_len=parts.model_args.max_seq_len)
+    final = Path(run_dir) / TOKENIZER_DIR
+    tmp = Path(run_dir) / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
+    for stale in [*Path(run_dir).glob(f".{TOKENIZER_DIR}.tmp-*"), tmp]:  # a killed writer's (one trainer per RUN)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
 
 
 def prepare_run_dir(run_dir: Path, cfg: JobConfig, *, allow_recipe_change: bool = False,

@@ -42,16 +42,18 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = 
                            ignore_index=IGNORE_INDEX)
 
 
-def model_loss(model, x: torch.Tensor, y: torch.Tensor, *, chunk_tokens: int = 0) -> torch.Tensor:
-    """Summed token cross-entropy of `model` on inputs `x`, targets `y`.
+def model_loss(model, x: torch.Tensor, y: torch.Tensor, *, docs: torch.Tensor | None = None,
+               chunk_tokens: int = 0) -> torch.Tensor:
+    """Summed token cross-entropy of `model` on inputs `x`, targets `y`; with `docs` (B, T),
+    each position attends only within its own document (data.document_mask).
 
     chunk_tokens > 0: the output layer and the loss run that many tokens at a time, each chunk
     under activation checkpointing, so the fp32 (tokens x vocab) logits and their gradient
     never exist whole (8.4 GB each for 16K tokens of a 128K vocabulary); the price is the
     output layer's forward once more in backward. 0: the plain way, one logits tensor."""
     if not chunk_tokens:
-        return token_loss(model(x), y)
-    h, t = model.hidden_states(x).flatten(0, 1), y.flatten()
+        return token_loss(model(x, docs), y)
+    h, t = model.hidden_states(x, docs).flatten(0, 1), y.flatten()
     total = torch.zeros((), device=h.device)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start:start + chunk_tokens], t[start:start + chunk_tokens]
@@ -72,15 +74,23 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
-def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+def device_batch(batch: tuple[torch.Tensor, ...], device: torch.device):
+    """(inputs, targets, docs or None) on `device`, from a loader batch of 2 or 3 tensors."""
+    x, y, *rest = batch
+    docs = to_device(rest[0], device) if rest else None
+    return to_device(x, device), to_device(y, device), docs
+
+
+def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[torch.Tensor, ...]], *,
                drill: float = 1.0, stop_requested: bool = False) -> StepResult:
-    """One optimizer step of `parts` on `batches` (host tensors). `drill` multiplies the first
+    """One optimizer step of `parts` on `batches` (host tensors: inputs, targets and, with
+    data.document_mask, document ids). `drill` multiplies the first
     micro-batch's loss (fault drills: NaN, or a spike factor), so the real backward and
     guard paths see it. `stop_requested`: this process was asked to stop (preempt.py); under
     torchrun the request rides on the loss all-reduce, so every rank learns it at this step."""
     # Normalise by the loss tokens of *all* micro-batches, counted on the host, so
     # accumulating 4 x 8 sequences gives the gradient of one batch of 32.
-    n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    n_tokens = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)
     scale = None
     if parts.dist.active:
         # Over ranks, by the tokens of *all* ranks' batches (padding makes them differ): FSDP2
@@ -90,10 +100,10 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
         dist.all_reduce(n_all)
         scale = (parts.dist.world_size / n_all).float()
     loss_sum = torch.zeros((), device=parts.device)
-    for i, (x, y) in enumerate(batches):
-        x, y = to_device(x, parts.device), to_device(y, parts.device)
+    for i, batch in enumerate(batches):
+        x, y, docs = device_batch(batch, parts.device)
         with parts.autocast():
-            loss = model_loss(parts.model, x, y, chunk_tokens=cfg.train.loss_chunk_tokens)
+            loss = model_loss(parts.model, x, y, docs=docs, chunk_tokens=cfg.train.loss_chunk_tokens)
             loss = loss / n_tokens if scale is None else loss * scale
         if i == 0 and drill != 1.0:
             loss = loss * drill

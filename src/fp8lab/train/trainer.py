@@ -35,8 +35,8 @@ from fp8lab.train.report import print_header, run_summary, step_record
 from fp8lab.train.resume import data_fingerprint, restore, resume, set_aside_unusable
 from fp8lab.train.rng import capture_rng
 from fp8lab.train.rollback import GuardStopped, RollbackPlan, plan_rollback
-from fp8lab.train.rundir import RunDirLock, check_run_dir, with_recipe, write_run_config
-from fp8lab.train.step import finite_or_none, model_loss, to_device, token_loss, train_step
+from fp8lab.train.rundir import RunDirLock, check_run_dir, save_run_tokenizer, with_recipe, write_run_config
+from fp8lab.train.step import device_batch, finite_or_none, model_loss, to_device, token_loss, train_step
 from fp8lab.ui import TrainProgress, console, setup_logging
 
 
@@ -95,6 +95,7 @@ class Trainer:
             if self.step < self.cfg.train.steps:  # training goes on: an earlier end's summary no longer holds
                 (self.run_dir / "summary.json").unlink(missing_ok=True)
             write_run_config(self.run_dir, self.cfg)
+            save_run_tokenizer(self.run_dir, self.cfg, self.parts)  # what fp8lab export writes next to the weights
         dist.barrier()
         self.tokens_per_step = self.cfg.tokens_per_step * self.env.world_size  # over all ranks
         wandb = {"project": self.cfg.logging.wandb_project, "config": self.cfg.to_dict()} \
@@ -147,7 +148,7 @@ class Trainer:
         loader = self.parts.loader
         return loader.epoch * loader.batches_per_epoch + loader.position
 
-    def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    def next_batches(self) -> tuple[list[tuple[torch.Tensor, ...]], int]:
         """This step's micro-batches, passing over the data windows a rollback skipped, and
         the index of the first one."""
         out, first = [], None
@@ -169,11 +170,11 @@ class Trainer:
         parts.model.eval()
         total, count = torch.zeros((), device=parts.device), 0
         with torch.compiler.set_stance(stance):
-            for x, y in parts.eval_batches:
-                count += int((y != IGNORE_INDEX).sum())  # on the host copy: no device sync
-                x, y = to_device(x, parts.device), to_device(y, parts.device)
+            for batch in parts.eval_batches:
+                count += int((batch[1] != IGNORE_INDEX).sum())  # on the host copy: no device sync
+                x, y, docs = device_batch(batch, parts.device)
                 with parts.autocast():
-                    total += model_loss(parts.model, x, y, chunk_tokens=self.cfg.train.loss_chunk_tokens)
+                    total += model_loss(parts.model, x, y, docs=docs, chunk_tokens=self.cfg.train.loss_chunk_tokens)
         parts.model.train()
         if self.env.active:
             # Each rank evaluated its rows of the held-out batches: add them up. FSDP2 leaves the
@@ -190,8 +191,9 @@ class Trainer:
             return total_all / count_all
         return total.item() / count
 
-    def collect_telemetry(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
-        """Per-layer FP8 cast statistics on `batch` (an extra pass; training is unaffected)."""
+    def collect_telemetry(self, batch: tuple[torch.Tensor, ...]) -> list[dict]:
+        """Per-layer FP8 cast statistics on `batch` (an extra pass; training is unaffected). The
+        pass ignores a document mask: it measures the casts' ranges, not the loss."""
         recipe = self.parts.report.recipe
         if recipe == "bf16" or not self.parts.report.converted:
             return []
@@ -383,7 +385,8 @@ class Trainer:
         the rollback count, skip windows and history carry over."""
         self.parts.loader.close()
         self.parts = None  # the old model and optimizer are freed before the new ones take memory
-        self.parts = build(self.cfg, extra_skip=self.bf16_layers)
+        # Back to step 0: the initial weights again (init_from's folder); later: the checkpoint's.
+        self.parts = build(self.cfg, extra_skip=self.bf16_layers, fresh=step == 0)
         self.guard = Guard(self.cfg.guard)
         self.step, self.skipped_steps = 0, 0
         if step > 0:
