@@ -18,6 +18,10 @@ TINY_VOCAB = 64
 def pytest_configure(config):
     # Fixed thread count: CPU kernels are bitwise repeatable only for a given count.
     torch.set_num_threads(2)
+    # transformers (the export/import tests) must work from local folders alone: any attempt to
+    # reach the Hub is an error rather than a wait on a network this machine does not have.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

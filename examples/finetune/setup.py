@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos)
     torch.manual_seed(args.seed)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model = LlamaForCausalLM(config)
+    # As Llama 3 Instruct's generation_config.json: a reply ends at <|eot_id|> too.
+    model.generation_config.eos_token_id = [eos, tok.token_to_id("<|eot_id|>")]
+    model.save_pretrained(model_dir)
     print(f"wrote {model_dir} (a {sum(1 for _ in model_dir.iterdir())}-file Llama folder) and {data} "
           f"({len(chats)} chats)")
     return 0

@@ -71,12 +71,12 @@ class ModelConfig:
         _check_choices(self, "model")
         _positive("model", self, "vocab_size", allow_zero=True)
         _positive("model", self, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
-        shape = [f"model.{k}={v}" for k, v in dataclasses.asdict(self).items()
-                 if v is not None and k not in ("preset", "init_from") and (k != "vocab_size" or v)]
-        if self.init_from is not None and (shape or not self.init_from.startswith("hf:") or self.init_from == "hf:"):
-            raise FP8LabError(
-                f"{', '.join(shape)} cannot be combined with model.init_from: its config.json sets the shape" if shape
-                else f"model.init_from={self.init_from!r}: expected hf:PATH, a local Hugging Face model folder")
+        if self.init_from is not None and (not self.init_from.startswith("hf:") or self.init_from == "hf:"):
+            raise FP8LabError(f"model.init_from={self.init_from!r}: expected hf:PATH, a local Hugging Face model folder")
+        shape = [f"model.{k}={v}" for k, v in dataclasses.asdict(self).items()  # vocab_size 0: follow the data
+                 if v is not None and k not in ("preset", "init_from") and (k, v) != ("vocab_size", 0)]
+        if self.init_from is not None and shape:
+            raise FP8LabError(f"{', '.join(shape)} cannot be combined with model.init_from: its config.json sets the shape")
 
 
 @dataclass

@@ -314,6 +314,9 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
         cfg = load_config(opts.config, overrides)
         notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
                      f"of vocabulary {vocab} ({path})")
+    if cfg.data.document_mask:
+        notes.append("data.document_mask=true: each position attends only within its document (SDPA with a "
+                     "boolean mask; on CUDA that rules out the flash kernel); bench again without it for its cost")
     # The trainer's own support check (in a child process where there is CUDA: this process must
     # not hold a CUDA context while the workers measure): what it would refuse is unsupported.
     here = check_recipes_here(opts.recipes, device=cfg.train.device, emulate=cfg.precision.emulate,

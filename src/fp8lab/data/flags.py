@@ -9,16 +9,15 @@ carries loss there and documents are told apart by EOS.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from fp8lab.data.shards import Shard, sha256_file
+from fp8lab.data.shards import Shard, finish_stream, sha256_file, write_atomic
 from fp8lab.errors import FP8LabError
-from fp8lab.fsutil import fsync_dir, os_error
+from fp8lab.fsutil import os_error
 
 FLAG_LOSS = 1
 FLAG_DOC_START = 2
@@ -82,18 +81,8 @@ class FlagsStream:
     def close(self) -> dict:
         """Finish the file and return its manifest entry."""
         nbytes = flags_nbytes(count=self.count, seq_len=self.seq_len)
-        try:
-            self._file.seek(0)
-            self._file.write(_header(seq_len=self.seq_len, count=self.count))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            digest = sha256_file(self.tmp)
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.abort()
-            raise os_error(e, path=self.tmp, nbytes=nbytes) from e
-        fsync_dir(self.path.parent)
+        digest = finish_stream(self._file, _header(seq_len=self.seq_len, count=self.count), tmp=self.tmp,
+                               path=self.path, nbytes=nbytes, abort=self.abort)
         return {"file": self.path.name, "sequences": self.count, "bytes": nbytes, "sha256": digest}
 
     def abort(self) -> None:
@@ -110,21 +99,8 @@ def write_flags(path: str | os.PathLike, flags: np.ndarray, *, seq_len: int) -> 
     path = Path(path)
     data = _check(path, flags, seq_len=seq_len)
     header = _header(seq_len=seq_len, count=len(data))
-    tmp = Path(f"{path}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(memoryview(data.reshape(-1)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error(e, path=path, action="write flags", nbytes=len(header) + data.size) from e
-    fsync_dir(path.parent)
-    digest = hashlib.sha256(header)
-    digest.update(memoryview(data.reshape(-1)))
-    return {"file": path.name, "sequences": len(data), "bytes": len(header) + data.size, "sha256": digest.hexdigest()}
+    digest = write_atomic(path, header, data.reshape(-1), action="write flags")
+    return {"file": path.name, "sequences": len(data), "bytes": len(header) + data.size, "sha256": digest}
 
 
 def open_flags(path: str | os.PathLike) -> np.ndarray:

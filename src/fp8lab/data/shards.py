@@ -149,21 +149,10 @@ class ShardStream:
     def close(self) -> dict:
         """Finish the file and return its manifest entry."""
         itemsize = token_dtype(vocab_size=self.vocab_size).itemsize
-        try:
-            self._file.seek(0)
-            self._file.write(_pack_header(itemsize=itemsize, seq_len=self.seq_len, count=self.count,
-                                          vocab_size=self.vocab_size, eos_id=self.eos_id, pad_id=self.pad_id))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            digest = sha256_file(self.tmp)
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.abort()
-            nbytes = shard_nbytes(count=self.count, seq_len=self.seq_len, itemsize=itemsize)
-            raise os_error(e, path=self.tmp, nbytes=nbytes) from e
-        fsync_dir(self.path.parent)
+        header = _pack_header(itemsize=itemsize, seq_len=self.seq_len, count=self.count,
+                              vocab_size=self.vocab_size, eos_id=self.eos_id, pad_id=self.pad_id)
         nbytes = shard_nbytes(count=self.count, seq_len=self.seq_len, itemsize=itemsize)
+        digest = finish_stream(self._file, header, tmp=self.tmp, path=self.path, nbytes=nbytes, abort=self.abort)
         return {"file": self.path.name, "sequences": self.count, "bytes": nbytes, "sha256": digest}
 
     def abort(self) -> None:
@@ -192,9 +181,15 @@ def write_shard(
         itemsize=data.itemsize, seq_len=window - 1, count=count, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id
     )
     payload = data.reshape(-1).view(np.uint8)
+    digest = write_atomic(path, header, payload, action="write shard")
+    return {"file": path.name, "sequences": count, "bytes": len(header) + payload.size, "sha256": digest}
+
+
+def write_atomic(path: Path, header: bytes, payload: np.ndarray, *, action: str) -> str:
+    """header + payload (uint8) as `path`: written to <path>.tmp, synced, renamed into place, so a
+    crash never leaves a partial file under the real name; returns the file's sha256."""
     digest = hashlib.sha256(header)
     digest.update(payload)
-
     tmp = Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -205,9 +200,28 @@ def write_shard(
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise os_error(e, path=path, action="write shard", nbytes=len(header) + payload.size) from e
+        raise os_error(e, path=path, action=action, nbytes=len(header) + payload.size) from e
     fsync_dir(path.parent)
-    return {"file": path.name, "sequences": count, "bytes": len(header) + payload.size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def finish_stream(f, header: bytes, *, tmp: Path, path: Path, nbytes: int, abort) -> str:
+    """End a file grown under `tmp` behind a zeroed header: write the real `header` (known only
+    now), sync, checksum it by reading it back, rename it to `path`; returns the sha256. On an
+    OSError `abort()` removes the partial file first."""
+    try:
+        f.seek(0)
+        f.write(header)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        abort()
+        raise os_error(e, path=tmp, nbytes=nbytes) from e
+    fsync_dir(path.parent)
+    return digest
 
 
 def open_shard(path: str | os.PathLike) -> Shard:

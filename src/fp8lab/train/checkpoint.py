@@ -369,13 +369,19 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Verify the checkpoint against its manifest, then load its tensors in place into
-    `model` (and `optimizer`'s state)."""
+def _verified_reader(path: Path) -> SafeFileSystemReader:
+    """The checkpoint's DCP reader, once every file matches the manifest (a flipped byte inside a
+    DCP payload would otherwise load silently)."""
     problem = verify_checkpoint(path)
     if problem is not None:
         raise FP8LabError(f"checkpoint {path} is damaged: {problem}")
-    reader = SafeFileSystemReader(Path(path) / "dcp")
+    return SafeFileSystemReader(Path(path) / "dcp")
+
+
+def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Verify the checkpoint against its manifest, then load its tensors in place into
+    `model` (and `optimizer`'s state)."""
+    reader = _verified_reader(path)
     try:
         # Read the metadata ourselves first: DCP would swallow a refused pickle and retry
         # a per-rank file, hiding the reason. A crafted pickle may fail in many ways.
@@ -405,10 +411,7 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
 def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model weights as plain CPU tensors {fqn: tensor} (the "model." prefix
     dropped), verified first; no model is built and TorchAO is not needed (export reads this)."""
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise FP8LabError(f"checkpoint {path} is damaged: {problem}")
-    reader = SafeFileSystemReader(Path(path) / "dcp")
+    reader = _verified_reader(path)
     try:
         metadata = reader.read_metadata()
         targets = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
