@@ -98,7 +98,7 @@ def cli_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, cache: Path, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], *, cache: Path, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m fp8lab ARGS` in a fresh interpreter, text output captured."""
     return subprocess.run([sys.executable, "-m", "fp8lab", *map(str, args)], env=cli_env(cache),
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)

@@ -27,7 +27,7 @@ def compare_args(data, out, *extra, budget=("--tokens", "3000")) -> list[str]:
 @pytest.fixture(scope="module")
 def compared(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "C"
-    proc = run_cli([*compare_args(tiny_data, out), "--seeds", "2"], cache=out.parent / "cache", timeout=300)
+    proc = run_cli([*compare_args(tiny_data, out), "--seeds", "2"], cache=out.parent / "cache", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -103,12 +103,12 @@ def test_a_killed_comparison_resumes_to_the_same_summary(compared, tiny_data, tm
     # Every run is killed with SIGKILL after step 6 (as the OOM killer would; its step-4
     # checkpoint is on disk): each is a failed row, the comparison still reports, exit 1.
     killed = subprocess.run(args, env=env | {"FP8LAB_KILL_AT": "step-end@6"}, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode == 1, killed.stdout[-2000:] + killed.stderr[-2000:]
     first = json.loads((out / "summary.json").read_text())
     assert [r["verdict"] for r in first["results"]] == ["failed", "failed"]
     assert all("killed by signal SIGKILL" in run["reason"] for r in first["results"] for run in r["runs"])
-    resumed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for run in ("bf16-seed0", "fp8-tensorwise-seed1"):
         events = read_jsonl(out / "runs" / run / "events.jsonl")
@@ -122,11 +122,11 @@ def test_an_interrupted_comparison_stops_and_says_how_to_resume(tiny_data, tmp_p
     out = tmp_path / "C"
     args = [sys.executable, "-m", "fp8lab", *compare_args(tiny_data, out)]
     proc = subprocess.run(args, env=cli_env(tmp_path) | {"FP8LAB_KILL_AT": "step-end@6:TERM"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "was interrupted" in proc.stderr and "run the same fp8lab compare command again" in proc.stderr
     assert not (out / "summary.json").exists() and not (out / "runs" / "fp8-tensorwise-seed0").exists()
-    again = subprocess.run(args, env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["runs"][0]["steps"] for r in json.loads((out / "summary.json").read_text())["results"]] == [12, 12]
 
@@ -140,7 +140,7 @@ def test_unsupported_and_diverged_recipes_are_rows_not_crashes(tiny_data, tmp_pa
     args = compare_args(tiny_data, out, "--precision.emulate=off", "--debug.inject_spike_at_step=14",
                         "--debug.inject_spike_factor=20", *(["--allow-fallback"] if fallback else []),
                         budget=["--train.steps=16"])
-    proc = run_cli(args, cache=tmp_path / "cache", timeout=300)
+    proc = run_cli(args, cache=tmp_path / "cache", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     bf16, fp8 = json.loads((out / "summary.json").read_text())["results"]
     assert fp8["verdict"] == "unsupported" and "precision.emulate" in fp8["reason"]

@@ -18,7 +18,7 @@ def test_demo_config_trains_fp8_rowwise_and_the_loss_falls(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fp8lab", "train", "-c", str(REPO / "configs" / "demo.toml"),
          "--precision.recipe=fp8-rowwise", "--train.steps=20", "--run-dir", str(run)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "throughput is NOT representative" in proc.stdout + proc.stderr  # the loud emulation line
@@ -42,7 +42,7 @@ def test_demo_spike_drill_rolls_back_down_the_ladder_and_finishes(tmp_path):
         [sys.executable, "-m", "fp8lab", "train", "-c", str(REPO / "configs" / "demo.toml"),
          "--precision.recipe=fp8-tensorwise", "--debug.inject_spike_at_step=15", "--train.steps=25",
          "--run-dir", str(run)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

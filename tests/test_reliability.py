@@ -100,7 +100,7 @@ def _train_with_file_limit(data, run, limit: int | None) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "FP8LAB_KILL_AT"} | {"PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-m", "fp8lab", "train", "--run-dir", str(run),
                            *(f"--{k}={v}" for k, v in args.items())], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300, preexec_fn=cap if limit else None)
+                          text=True, timeout=900, preexec_fn=cap if limit else None)
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_resumable(tiny_data, tmp_path, finished):

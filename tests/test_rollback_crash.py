@@ -32,7 +32,7 @@ def _train(data, run, *, kill_at: str | None = None, **over) -> subprocess.Compl
         env["FP8LAB_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, "-m", "fp8lab", "train", "--run-dir", str(run),
                            *(f"--{k}={v}" for k, v in args.items())],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 def _losses(run) -> list:

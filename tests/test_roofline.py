@@ -7,6 +7,7 @@ import pytest
 from fp8lab.errors import FP8LabError
 from fp8lab.gpus import GPUS
 from fp8lab.models.presets import PRESETS
+from fp8lab.perf.memory import predict_memory
 from fp8lab.perf.roofline import (
     CONSTANTS,
     GEMM_EFFICIENCY,
@@ -14,7 +15,6 @@ from fp8lab.perf.roofline import (
     ROWWISE_GEMM_REL,
     layer_speedup,
     linear_cost,
-    memory_gb,
     model_linears,
     rates_for,
     step_time,
@@ -129,13 +129,12 @@ def test_step_time_parts_and_amdahl():
 
 def test_memory():
     a = PRESETS["8b"]
-    one = memory_gb(a, tokens=8192, recipe="bf16", converted=set())
-    assert sum(one.values()) > GPUS["h100-sxm"].mem_gb  # 8B with AdamW does not fit one 80 GB GPU
-    eight = memory_gb(a, tokens=8192, recipe="bf16", converted=set(), num_gpus=8)
-    assert sum(eight.values()) < GPUS["h100-sxm"].mem_gb
+    one = predict_memory(a, tokens=8192, recipe="bf16", converted=set(), compiled=True)
+    assert one.total / 1e9 > GPUS["h100-sxm"].mem_gb  # 8B with AdamW does not fit one 80 GB GPU
+    eight = predict_memory(a, tokens=8192, recipe="bf16", converted=set(), num_gpus=8, compiled=True)
+    assert eight.total / 1e9 < GPUS["h100-sxm"].mem_gb
     groups = {g.name for g in model_linears(a)} - {"output"}
-    tw = memory_gb(a, tokens=8192, recipe="fp8-tensorwise", converted=groups)
-    assert tw["activations"] < one["activations"]
-    assert tw["low-precision weight copies"] < one["low-precision weight copies"]
-    small = memory_gb(PRESETS["125m"], tokens=4096, recipe="bf16", converted=set())
-    assert 1 < sum(small.values()) < GPUS["rtx5090"].mem_gb
+    tw = predict_memory(a, tokens=8192, recipe="fp8-tensorwise", converted=groups, compiled=True)
+    assert tw.parts["low-precision weight copies"] < one.parts["low-precision weight copies"]
+    small = predict_memory(PRESETS["125m"], tokens=4096, recipe="bf16", converted=set(), compiled=True)
+    assert 1 < small.total / 1e9 < GPUS["rtx5090"].mem_gb

@@ -23,7 +23,7 @@ def _train_until(run, data, cache, kill_at: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "fp8lab", "train", "--run-dir", str(run),
             *tiny_args(data__path=data, train__steps=STEPS, checkpoint__interval=2)]
     return subprocess.run(args, env=cli_env(cache) | {"FP8LAB_KILL_AT": kill_at}, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

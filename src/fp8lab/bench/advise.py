@@ -12,11 +12,11 @@ from fp8lab.gpus import ADVISOR_RATES_WHY, GPUS, MEASURED_GEMMS, get_gpu, gpu_id
 from fp8lab.models.flops import flops_per_token, param_counts
 from fp8lab.models.llama import ModelArgs
 from fp8lab.perf.layer_policy import WIN_MARGIN
+from fp8lab.perf.memory import predict_memory
 from fp8lab.perf.roofline import (
     CONSTANTS,
     Rates,
     layer_speedup,
-    memory_gb,
     model_linears,
     rates_for,
     step_time,
@@ -56,6 +56,7 @@ class Advice:
     grad_accum: int
     num_gpus: int
     recipes: list[RecipeAdvice]
+    memory_settings: dict  # optimizer, activation_checkpoint, loss_chunk_tokens the memory is predicted for
     recommended: str
     why: str
     caveats: list[str]
@@ -107,8 +108,8 @@ def _caveats(gpu_id: str, rates: Rates, args: ModelArgs, tokens: int, seq_len: i
     if gpu_id == "mi300x":
         out.append("MI300X: FP8 is e4m3fnuz (TorchAO picks it); no MXFP8 before MI350")
     out.append("communication is not modelled: single GPU, or FSDP traffic fully overlapped"
-               + (f" (--num-gpus {num_gpus}: optimizer and state sharded FSDP2-style; fp8lab's own FSDP2 is "
-                  "planned)" if num_gpus > 1 else ""))
+               + (f" (--num-gpus {num_gpus}: weights, gradients and optimizer state sharded as "
+                  "parallel.data_parallel=fsdp does)" if num_gpus > 1 else ""))
     out.append("small GEMMs: the roofline ignores tile/wave effects (TorchAO: ~2x undercount at M, K, N <= 1k); "
                "precision.filter_mode=auto measures instead")
     return out
@@ -116,8 +117,16 @@ def _caveats(gpu_id: str, rates: Rates, args: ModelArgs, tokens: int, seq_len: i
 
 def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: int = 1, num_gpus: int = 1,
            skip_modules: list[str] | tuple[str, ...] = ("output",), rate_source: str = "auto",
-           measured: dict | None = None) -> Advice:
-    """Predict every recipe for `args` on `gpu` at `tokens` tokens per micro-batch."""
+           measured: dict | None = None, optimizer: str = "adamw", activation_checkpoint: str = "none",
+           loss_chunk_tokens: int = 0) -> Advice:
+    """Predict every recipe for `args` on `gpu` at `tokens` tokens per micro-batch. Memory is
+    predicted for a compiled bf16-autocast step (what a GPU run does) with `optimizer`,
+    `activation_checkpoint` and `loss_chunk_tokens` as in the config."""
+    def memory(recipe: str, converted: set[str], gpus: int) -> dict[str, float]:
+        return predict_memory(args, tokens=tokens, recipe=recipe, converted=converted, optimizer=optimizer,
+                              activation_checkpoint=activation_checkpoint, compute_bytes=2, num_gpus=gpus,
+                              loss_chunk_tokens=loss_chunk_tokens, compiled=True).gb()
+
     spec = get_gpu(gpu)
     gpu_id = gpu_id_of(spec)
     rates = rates_for(gpu_id, source=rate_source, measured=measured)
@@ -139,7 +148,7 @@ def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: 
         low = recipe.is_low_precision
         t = step_time(args, recipe=name, converted=worth, **kw) if low else base
         t_all = step_time(args, recipe=name, converted={g.name for g in can}, **kw) if low else base
-        mem = memory_gb(args, tokens=tokens, recipe=name, converted=worth, num_gpus=num_gpus)
+        mem = memory(name, worth, num_gpus)
         total_mem = sum(mem.values())
         step_s = t.total_s * grad_accum  # one optimizer step
         notes = []
@@ -167,18 +176,20 @@ def advise(args: ModelArgs, *, gpu: str, tokens: int, seq_len: int, grad_accum: 
     caveats = _caveats(gpu_id, rates, args, tokens, seq_len, grad_accum, num_gpus, skip_modules)
     base_adv = results[0]
     if not base_adv.fits:
-        n = next((n for n in range(num_gpus + 1, 1025) if sum(memory_gb(args, tokens=tokens, recipe="bf16",
-                                                                        converted=set(), num_gpus=n).values())
-                  <= spec.mem_gb), None)
+        n = next((n for n in range(num_gpus + 1, 1025) if sum(memory("bf16", set(), n).values()) <= spec.mem_gb), None)
         need = f"FSDP2 sharding over {n}+ GPUs (--num-gpus {n})" if n else \
             "fewer tokens per micro-batch or activation checkpointing"
+        if activation_checkpoint == "none" or optimizer == "adamw":
+            need += " (or --activation-checkpoint full, --optimizer adamw-8bit)"
         caveats.insert(0, f"memory: bf16 is predicted at {base_adv.memory_gb:.0f} GB, more than the {spec.mem_gb:g} GB "
                           f"of one {gpu_id}: needs {need}; the speedups assume it fits")
     counts = param_counts(args)
     return Advice(
         model={**asdict(args), "params": counts.total, "matmul_params": counts.matmul},
         gpu={"id": gpu_id, "name": spec.name, "mem_gb": spec.mem_gb}, rates=rates.to_dict(), tokens=tokens,
-        seq_len=seq_len, grad_accum=grad_accum, num_gpus=num_gpus, recipes=results, recommended=recommended,
+        seq_len=seq_len, grad_accum=grad_accum, num_gpus=num_gpus, recipes=results,
+        memory_settings={"optimizer": optimizer, "activation_checkpoint": activation_checkpoint,
+                         "loss_chunk_tokens": loss_chunk_tokens}, recommended=recommended,
         why=why, caveats=caveats,
         constants={k: {"value": v, "source": s} for k, (v, s) in CONSTANTS.items()})
 

@@ -9,11 +9,11 @@ from fp8lab.ui import fmt as _f
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The per-recipe table as (header, rows) of text, for the console and for markdown."""
     head = ["recipe", "status", "tokens/s", "vs bf16", "spread (min-max, IQR)", "step ms", "TFLOP/s", "MFU",
-            "peak mem GB", "FP8 linears", "startup s", "note"]
+            "peak mem GB", "predicted GB", "FP8 linears", "startup s", "note"]
     out = []
     for r in result["recipes"]:
         if r["status"] != "ok":
-            out.append([r["recipe"], r["status"], *["-"] * 9, r["reason"]])
+            out.append([r["recipe"], r["status"], *["-"] * 10, r["reason"]])
             continue
         spread = f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}, {r['iqr_pct']:.1f}%"
         note = "EMULATED (see note)" if r["emulated"] else ""
@@ -21,7 +21,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             note = f"{r['skipped_steps']} non-finite steps skipped the optimizer; " + note
         out.append([r.get("label") or r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}", _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
                     f"{r['step_time_s'] * 1e3:,.1f}", f"{r['tflops']:.3g}", _f(r["mfu"], ".1%"),
-                    f"{r['mem_peak_gb']:.2f}", str(r["converted"]), f"{r['startup_s']:.1f}", note])
+                    f"{r['mem_peak_gb']:.2f}", _f(r.get("mem_predicted_gb"), ".2f"), str(r["converted"]),
+                    f"{r['startup_s']:.1f}", note])
     return head, out
 
 

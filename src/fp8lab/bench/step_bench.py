@@ -179,6 +179,7 @@ def measure(spec: dict) -> dict:
 
     import torch
 
+    from fp8lab.bench.memory import predict_for
     from fp8lab.config import load_config
     from fp8lab.env import peak_memory_gb
     from fp8lab.precision import get_recipe
@@ -237,7 +238,8 @@ def measure(spec: dict) -> dict:
         "flops_per_token": parts.flops_per_token, "tokens_per_step": tokens_per_step, "device": name,
         "build_s": build_s, "startup_s": startup_s, "warmup_steps": spec["warmup"], "steps": len(times),
         "step_times_s": times, **stats, "tflops": tflops, "mfu": tflops / peak if peak else None,
-        "mfu_peak_tflops": peak, "mem_peak_gb": mem, "skipped_steps": skipped,
+        "mfu_peak_tflops": peak, "mem_peak_gb": mem, "mem_predicted_gb": predict_for(parts, cfg).total / 1e9,
+        "skipped_steps": skipped,
         "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(parts.notes),
     }
     if spec.get("layers") and parts.report.recipe != BASELINE:
@@ -374,7 +376,8 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
         "startup": ("startup_s = build + warm-up steps, torch.compile included when compiled; torch's on-disk "
                     "compile caches outlive the process, so a repeated run starts faster"),
         "memory": ("torch.cuda.max_memory_allocated of the recipe's process" if cuda
-                   else "peak resident set (ru_maxrss) of the recipe's process, Python and torch included"),
+                   else "peak resident set (ru_maxrss) of the recipe's process, Python and torch included")
+                  + "; predicted: fp8lab's memory model (perf/memory.py) for the same step, tensors only",
         "baseline": BASELINE,
         "recipes": rows,
         "layers": None if not opts.layers else {

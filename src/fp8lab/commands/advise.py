@@ -23,6 +23,10 @@ def register(sub) -> None:
     a.add_argument("--rates", choices=("auto", "vendor", "microbench", "measured"), default="auto",
                    help="where the GPU's rates come from: auto = this card's `fp8lab doctor` measurement when "
                         "cached, else the table's choice for the GPU")
+    a.add_argument("--optimizer", choices=("adamw", "adamw-bf16", "adamw-8bit", "adamw-fp8", "adamw-4bit"),
+                   help="optimizer state the memory is predicted for (default: the config's optim.name)")
+    a.add_argument("--activation-checkpoint", choices=("none", "full", "selective"),
+                   help="activation checkpointing mode (default: the config's train.activation_checkpoint)")
     a.add_argument("--json", action="store_true", help="print the prediction as JSON")
     a.set_defaults(fn=run)
 
@@ -76,7 +80,9 @@ def run(args, rest) -> int:
     measured = load_measured_rates(gpu_id) if args.rates in ("auto", "measured") else None
     result = advise(margs, gpu=gpu_id, tokens=tokens, seq_len=seq_len, grad_accum=cfg.train.grad_accum_steps,
                     num_gpus=args.num_gpus, skip_modules=cfg.precision.skip_modules, rate_source=args.rates,
-                    measured=measured)
+                    measured=measured, optimizer=args.optimizer or cfg.optim.name,
+                    activation_checkpoint=args.activation_checkpoint or cfg.train.activation_checkpoint,
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -124,6 +130,10 @@ def render(a, *, model_name: str) -> None:
         console.print(lt)
     base = a.get("bf16")
     console.print("bf16 step, ms: " + ", ".join(f"{k} {v:,.1f}" for k, v in base.breakdown_ms.items()))
+    m = a.memory_settings
+    console.print(f"bf16 memory, GB (optimizer {m['optimizer']}, activation checkpointing "
+                  f"{m['activation_checkpoint']}, compiled): "
+                  + ", ".join(f"{k} {v:,.1f}" for k, v in base.memory_breakdown_gb.items()))
     console.print(f"[bold]recommended: {a.recommended}[/] - {a.why}")
     for c in a.caveats:
         console.print(f"  note: {c}")

@@ -122,6 +122,10 @@ class TokenLoader:
     Each epoch is a seeded permutation of the split; rank r takes perm[r::world_size], cut to
     the same length on every rank, so no sequence is served twice per epoch across ranks.
     Batches never straddle epochs: the partial tail of each rank's order is dropped.
+    Batch p of all ranks together is perm[p*G:(p+1)*G] with G = batch_size x world_size (the
+    global batch), and an epoch holds n // G of them: the sequences of each global batch, and
+    where epochs end, depend on G only, never on how it splits into ranks (what lets a run
+    resume on another rank count; see `reshard_state`).
     Data prepared with padding (a pad id) yields IGNORE_INDEX targets at the padded positions,
     instruction data (flags files) at every target without loss (prompts, padding).
 
@@ -214,6 +218,11 @@ class TokenLoader:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences one position step serves over all ranks: batch_size x world_size."""
+        return self.batch_size * self.world_size
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return self._order_of(epoch)
 
@@ -295,6 +304,31 @@ class TokenLoader:
         if int(epoch) != self._epoch:
             self._order = self._epoch_order(int(epoch))
         self._epoch, self._position = int(epoch), int(position)
+
+
+def reshard_state(state: dict, *, global_batch: int, to: TokenLoader) -> dict:
+    """`state` of a loader whose global batch was `global_batch` (its batch_size x world_size),
+    as loader `to`'s state at the same place in the data: the same epoch, and the same number of
+    sequences (hence tokens) of that epoch's permutation served. Exact, because which sequences
+    a position covers depends on the global batch only (see TokenLoader); refused when that
+    count is not a whole number of `to`'s global batches. An epoch served to its end stays
+    at its end (the next batch opens the next epoch)."""
+    if global_batch == to.global_batch or not isinstance(state, dict):
+        return state  # load_state_dict checks it
+    position = state.get("position")
+    if not _is_int(position) or position < 0:
+        return state
+    if position == len(to.split) // global_batch:  # that epoch was used up (its tail dropped): so it is here
+        return {**state, "position": to.batches_per_epoch}
+    served = position * global_batch
+    if served % to.global_batch:
+        raise FP8LabError(
+            f"the checkpoint's data position ({served} sequences into epoch {state.get('epoch')}, in global batches of "
+            f"{global_batch}) is not a whole number of this run's global batches of {to.global_batch} "
+            f"(micro_batch_size {to.batch_size} x {to.world_size} rank(s)); resume with a global batch that divides "
+            f"{served}, e.g. the checkpoint's {global_batch}, or from a checkpoint whose position it divides"
+        )
+    return {**state, "position": served // to.global_batch}
 
 
 def eval_batches(

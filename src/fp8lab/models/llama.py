@@ -8,8 +8,10 @@ Llama so checkpoints map onto Hugging Face layouts with a fixed table.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -222,21 +224,56 @@ class Transformer(nn.Module):
         """Deterministic under torch.manual_seed: normal(0, 0.02) weights, with the
         residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2 / torchtitan)
         so the residual stream's variance does not grow with depth."""
+        params = dict(self.named_parameters())
+        for name, fill in self.init_plan():
+            fill(params[name])
+
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], object]]]:
+        """(parameter name, in-place fill of a tensor of its shape), in the order the random
+        draws happen. The one source of truth for initialisation: init_weights applies it to
+        this model, and FSDP2's meta-device build (train/build.py) applies it one full tensor
+        at a time and keeps its shard, so every rank count draws the same numbers."""
         std = 0.02
         out_std = std / math.sqrt(2 * self.args.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=1.0 if not self.args.tie_embeddings else std)
-        for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
-                        block.feed_forward.w1, block.feed_forward.w3):
-                nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
-            for lin in (block.attention.wo, block.feed_forward.w2):
-                nn.init.trunc_normal_(lin.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
+
+        def trunc(s: float):
+            return functools.partial(nn.init.trunc_normal_, std=s, a=-3 * s, b=3 * s)
+
+        plan = [("tok_embeddings.weight",
+                 functools.partial(nn.init.normal_, std=1.0 if not self.args.tie_embeddings else std))]
+        for i in self.layers:
+            p = f"layers.{i}."
+            plan += [(p + n, trunc(std)) for n in ("attention.wq.weight", "attention.wk.weight",
+                                                     "attention.wv.weight", "feed_forward.w1.weight",
+                                                     "feed_forward.w3.weight")]
+            plan += [(p + n, trunc(out_std)) for n in ("attention.wo.weight", "feed_forward.w2.weight")]
+            plan += [(p + "attention_norm.weight", nn.init.ones_), (p + "ffn_norm.weight", nn.init.ones_)]
+        plan.append(("norm.weight", nn.init.ones_))
         if not self.args.tie_embeddings:
-            head_std = self.args.dim ** -0.5
-            nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+            plan.append(("output.weight", trunc(self.args.dim ** -0.5)))
+        return plan
+
+    def constructor_draws(self) -> list[Callable[[], object]]:
+        """The random draws the constructor made before init_weights replaced them: nn.Linear and
+        nn.Embedding initialise themselves when built (torch's reset_parameters). A meta-device
+        build draws nothing, so it replays these first (each builds a throwaway layer of the same
+        shape, in construction order) to start init_plan where a plain build starts it."""
+        out = []
+        for mod in self.modules():  # registration order is construction order in this file
+            if isinstance(mod, nn.Embedding):
+                out.append(functools.partial(nn.Embedding, mod.num_embeddings, mod.embedding_dim))
+            elif isinstance(mod, nn.Linear):  # TorchAO's converted linears are nn.Linear subclasses
+                out.append(functools.partial(nn.Linear, mod.in_features, mod.out_features, bias=mod.bias is not None))
+        return out
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables in place: after a meta-device build and `to_empty` they hold
+        garbage (they are computed from the args, never drawn nor checkpointed)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
+                               self.args.rope_scaling)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size). `docs` (B, T), optional: the

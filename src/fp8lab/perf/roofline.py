@@ -332,34 +332,5 @@ def step_time(args: ModelArgs, *, tokens: int, seq_len: int, rates: Rates, recip
                      "optimizer": optimizer})
 
 
-def memory_gb(args: ModelArgs, *, tokens: int, recipe: str, converted: set[str], num_gpus: int = 1) -> dict[str, float]:
-    """Predicted peak memory per GPU, by part (GB): fp32 weights, grads and AdamW state (16 B
-    per parameter, sharded over `num_gpus`), low-precision weight copies held from forward to
-    backward, saved activations (no activation checkpointing) and the loss's logits. Excludes
-    the CUDA context and allocator fragmentation."""
-    r = get_recipe(recipe)
-    d, L, m = args.dim, args.n_layers, tokens
-    kv = args.n_kv_heads * args.head_dim
-    state = 16 * param_counts(args).total / num_gpus
-    copies = 0.0
-    for g in model_linears(args):
-        per = B_FP8 if (r.is_low_precision and g.name in converted) else B_BF16
-        copies += g.count * g.k * g.n * per
-    if num_gpus > 1:
-        copies = copies / L * 2  # FSDP2: about two blocks unsharded at a time
-    # Saved per token per block: norm inputs (fp32 4d x 2), norm outputs (bf16 2d x 2), q/k/v
-    # (2(d + 2kv)), attention output (2d), w1/w3 outputs (4f), SwiGLU output (2f). Tensorwise
-    # saves the linears' inputs in fp8 instead (the norm outputs and the SwiGLU output).
-    act = 16 * d + 4 * kv + 6 * args.ffn_dim
-    if r.torchao_recipe == "tensorwise":
-        act -= (d if "attention.wq" in converted else 0) + (d if "feed_forward.w1" in converted else 0)
-        act -= args.ffn_dim if "feed_forward.w2" in converted else 0
-    activations = act * m * L
-    logits = 10 * m * args.vocab_size  # bf16 logits, their fp32 copy and log-probs
-    parts = {"weights, grads, AdamW (fp32)": state, "low-precision weight copies": copies,
-             "activations": activations, "logits": logits}
-    return {k: v / 1e9 for k, v in parts.items()}
-
-
 def all_recipes() -> list[str]:
     return list(RECIPES)

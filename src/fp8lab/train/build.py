@@ -5,14 +5,21 @@ fp32 from `train.seed` *before* conversion, so every recipe starts from identica
 conversion happens before compile (which must trace the converted modules), compile before
 FSDP2 sharding (as torchtitan orders them), and the optimizer is built last, on the final
 (possibly sharded) parameters.
+
+Under FSDP2 no rank ever holds the whole model: it is built on the meta device (shapes only),
+converted, compiled and sharded there, then each rank materialises its shards and fills them
+from the very numbers one process draws (`materialise`), so any rank count starts from the
+weights a single process starts from, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -26,9 +33,11 @@ from fp8lab.interop.hf_llama import hf_folder, import_args, load_weights
 from fp8lab.interop.hf_tokenizer import check_data_tokenizer
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, param_counts, preset_args
 from fp8lab.perf.layer_policy import layer_policy
-from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe
+from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe, plan_conversion, to_plain
 from fp8lab.precision.fsdp import check_fp8_gather_shapes
-from fp8lab.precision.support import resolve_compute_dtype, run_label
+from fp8lab.precision.support import resolve_compute_dtype, resolve_emulation, run_label
+from fp8lab.precision.swap import swap_linears
+from fp8lab.train.ac import ac_note, apply_activation_checkpointing
 from fp8lab.train.dist import SINGLE, DistEnv
 from fp8lab.train.dist import current as dist_current
 from fp8lab.train.optim import build_optimizer
@@ -133,25 +142,32 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
                      f"train.eval_batches={cfg.train.eval_batches}; the eval loss is noisier (prepare with a larger "
                      "--val-fraction, or lower train.eval_batches)")
 
-    check_fits(args, device, shards=env.world_size if cfg.parallel.data_parallel == "fsdp" else 1)
+    fsdp = cfg.parallel.data_parallel == "fsdp"
+    check_fits(args, device, shards=shard_count(env, cfg.parallel.replicate) if fsdp else 1)
     seed_everything(cfg.train.seed)
-    with torch.device(device):
+    init_rng = _rng_state(device)  # what `materialise` draws the initial weights from
+    with torch.device("meta" if fsdp else device):  # meta: no memory; the weights come after sharding
         model = Transformer(args)
+    hf = hf_folder(cfg.model.init_from) if cfg.model.init_from and fresh else None
+    if hf is not None and not fsdp:  # into the plain fp32 model, before conversion, compile and sharding
+        load_weights(model, hf)
     if cfg.model.init_from:
-        if fresh:  # into the plain fp32 model, before conversion, compile and sharding, as every initialisation
-            load_weights(model, hf_folder(cfg.model.init_from))
         notes.append(f"model: {cfg.model.init_from[3:]} (Hugging Face Llama, {args.n_layers} layers, dim {args.dim}, "
                      f"vocabulary {args.vocab_size:,})" + ("; initial weights from its safetensors" if fresh else ""))
     mode = cfg.precision.filter_mode
     # auto / roofline: the perf layer decides per shape (timed here, or predicted), the converter applies it.
     policy = layer_policy(recipe, mode=mode, device=device, filter_gpu=cfg.precision.filter_gpu,
                           tokens=cfg.data.micro_batch_size * cfg.data.seq_len) if mode in ("auto", "roofline") else None
-    report = convert(model, recipe=recipe, emulate=cfg.precision.emulate,
-                     skip_modules=[*cfg.precision.skip_modules, *extra_skip],
-                     filter_mode="all" if policy else mode, filter_fn=policy,
-                     fsdp_float8_all_gather=cfg.parallel.float8_all_gather)
+    how = dict(recipe=recipe, emulate=cfg.precision.emulate, skip_modules=[*cfg.precision.skip_modules, *extra_skip],
+               filter_mode="all" if policy else mode, filter_fn=policy,
+               fsdp_float8_all_gather=cfg.parallel.float8_all_gather)
+    report = convert_meta(model, device=device, **how) if fsdp else convert(model, **how)
     if report.emulated:
         notes.append(EMULATION_NOTE)
+    # After conversion (it recomputes the converted layers too), before compile (which must trace
+    # the checkpointed forward) and FSDP2 (whose per-block hooks then sit outside it): torchtitan's order.
+    if apply_activation_checkpointing(model, mode=cfg.train.activation_checkpoint):
+        notes.append(ac_note(cfg.train.activation_checkpoint))
     compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
     if compiled:
         # Per block, as torchtitan does: the blocks are identical, so dynamo compiles one
@@ -159,10 +175,11 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
         # place keeps the parameter names a checkpoint needs.
         for block in model.layers.values():
             block.compile(dynamic=False)
-    if cfg.parallel.data_parallel == "fsdp":
+    if fsdp:
         if cfg.parallel.float8_all_gather:
-            check_fp8_gather_shapes(model, report, env.world_size)
-        shard(model, env, device=device, compute_dtype=compute_dtype)
+            check_fp8_gather_shapes(model, report, shard_count(env, cfg.parallel.replicate))
+        shard(model, env, device=device, compute_dtype=compute_dtype, replicate=cfg.parallel.replicate)
+        materialise(model, device, rng=init_rng, hf=hf)
     optimizer = build_optimizer(model, cfg.optim, device=device)  # on the final (maybe sharded) parameters
     label = run_label(recipe, compute_dtype, setting=cfg.precision.compute_dtype)
     peak = mfu_peak_tflops(device_name(device), recipe.math) if device.type == "cuda" else None
@@ -190,18 +207,111 @@ def check_fits(args: ModelArgs, device: torch.device, *, shards: int = 1) -> Non
                           "choose a smaller model (model.preset, model.dim, model.n_layers, model.vocab_size)")
 
 
-def shard(model: nn.Module, env: DistEnv, *, device: torch.device, compute_dtype: torch.dtype) -> None:
+def shard_count(env: DistEnv, replicate: int) -> int:
+    """Ranks each parameter is sharded over: all of them, or world_size / replicate under HSDP."""
+    if replicate < 1 or env.world_size % replicate:
+        raise FP8LabError(f"parallel.replicate={replicate} does not divide the {env.world_size} ranks; HSDP needs "
+                          "replicate x shard = ranks (e.g. replicate = the number of nodes)")
+    return env.world_size // replicate
+
+
+def shard(model: nn.Module, env: DistEnv, *, device: torch.device, compute_dtype: torch.dtype,
+          replicate: int = 1) -> None:
     """FSDP2 over all ranks: each block is its own unit (its weights are gathered just before
     it runs and freed after), then the root for the embeddings, norm and output layer. With
     bf16 compute the weights are gathered in bf16 (half the bytes of the fp32 masters) and the
-    gradients reduced in fp32, as torchtitan does; FP8 all-gathered weights go as FP8."""
+    gradients reduced in fp32, as torchtitan does; FP8 all-gathered weights go as FP8.
+
+    replicate > 1 is HSDP: a (replicate, shard) mesh, consecutive ranks (one node's GPUs) forming
+    a shard group, so the gathers stay inside a node and only the gradient all-reduce crosses
+    nodes; each replica group holds a whole copy of the sharded state."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not env.active:
         raise FP8LabError("parallel.data_parallel=fsdp needs a process group: launch with torchrun")
-    mesh = init_device_mesh(device.type, (env.world_size,))
+    shards = shard_count(env, replicate)
+    if replicate == 1:
+        mesh = init_device_mesh(device.type, (env.world_size,))
+    else:
+        mesh = init_device_mesh(device.type, (replicate, shards), mesh_dim_names=("replicate", "shard"))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def convert_meta(model: nn.Module, *, device: torch.device, recipe, emulate: str, skip_modules, filter_mode: str,
+                 filter_fn, fsdp_float8_all_gather: bool) -> ConversionReport:
+    """`convert` for a model on the meta device: convert() decides emulation from the device of
+    the model's parameters, which here is meta, so it is decided for `device`, where the
+    model will run; the rest is convert()'s own steps (plan, swap)."""
+    emulated = resolve_emulation(recipe, device, emulate)
+    report = ConversionReport(recipe=recipe.name, emulated=emulated, fsdp_float8_all_gather=fsdp_float8_all_gather)
+    if recipe.is_low_precision:
+        report.converted, report.skipped = plan_conversion(model, recipe, skip_modules=skip_modules,
+                                                           filter_mode=filter_mode, filter_fn=filter_fn)
+        swap_linears(model, recipe, names={c["name"] for c in report.converted}, emulated=emulated,
+                     fsdp_float8_all_gather=fsdp_float8_all_gather)
+        if emulated:
+            logging.getLogger("fp8lab").warning(EMULATION_NOTE)
+    return report
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def _fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` (the whole parameter, identical on every rank) into
+    `param`: a DTensor's shard is cut locally (src_data_rank=None: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    target = to_plain(param)  # the fp32 master inside TorchAO's FP8 all-gather wrapper
+    if isinstance(target, DTensor):
+        full = full.to(target.device)
+        target.to_local().copy_(distribute_tensor(full, target.device_mesh, target.placements,
+                                                  src_data_rank=None).to_local())
+    else:
+        target.copy_(full)
+
+
+class _ShardSink:
+    """What hf_llama.load_weights copies a full tensor into (`.copy_`): this rank's shard."""
+
+    def __init__(self, param: torch.Tensor):
+        self.param = param
+
+    def copy_(self, full: torch.Tensor) -> None:
+        _fill_shard(self.param, full)
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, device: torch.device, *, rng: tuple, hf: Path | None = None) -> None:
+    """Allocate a sharded meta-device model's shards on `device` and initialise them as one
+    process initialises the whole model: from the generator state right after seeding, the
+    layer constructors' draws are replayed, then each parameter in turn is drawn whole (on
+    `device`, in Transformer.init_plan's order) and only this rank's shard is kept, so at most
+    one full parameter exists at a time. The generator ends where a single process's ends.
+    With `hf`, the Hugging Face tensors are then read one at a time the same way."""
+    cpu_state, cuda_state = rng
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+    with torch.device(device):
+        for make in model.constructor_draws():  # what a plain build's layer constructors drew first
+            make()
+    model.to_empty(device=device)
+    model.init_buffers()  # RoPE tables: computed, not drawn
+    params = dict(model.named_parameters())
+    for name, fill in model.init_plan():
+        full = torch.empty(params[name].shape, dtype=to_plain(params[name]).dtype, device=device)
+        fill(full)
+        _fill_shard(params[name], full)
+        del full
+    if hf is not None:
+        # load_weights reads model.args and named_parameters() and copies each tensor in with
+        # .copy_; handing it sinks keeps one full tensor in memory, never the model.
+        sinks = [(n, _ShardSink(p)) for n, p in model.named_parameters()]
+        load_weights(SimpleNamespace(args=model.args, named_parameters=lambda: iter(sinks)), hf)

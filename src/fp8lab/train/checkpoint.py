@@ -1,6 +1,7 @@
 """Checkpoints: RUN/checkpoints/step-N/{dcp/, state.json, manifest.json, COMPLETE}.
 
-- `dcp/` is a torch.distributed.checkpoint folder of plain fp32 tensors named as in the
+- `dcp/` is a torch.distributed.checkpoint folder of plain fp32 tensors (a low-bit optimizer's
+  moments as their plain components: optim_state.py) named as in the
   model *before* conversion and compile ("model.<fqn>", "optim.state.<fqn>.<key>"), so a
   checkpoint written under one recipe loads under any other, into a plain model with
   `dcp.load({"model": model.state_dict()})`, and later into sharded models.
@@ -47,6 +48,7 @@ from fp8lab.train.dist import barrier, broadcast
 from fp8lab.train.dist import current as dist_env
 from fp8lab.train.faults import kill_point
 from fp8lab.train.optim import init_optimizer_state
+from fp8lab.train.optim_state import load_targets, state_tensors
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -118,19 +120,17 @@ def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
     return [(step, p) for step, _, p in sorted(found)]
 
 
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): fqn for fqn, p in model.named_parameters()}  # a tied weight appears once, under its first name
+
+
 def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     """Flat {name: plain tensor sharing storage with the live one}: saving reads them,
-    loading writes into them in place."""
-    names = {}
-    out: dict[str, torch.Tensor] = {}
-    for fqn, p in model.named_parameters():  # a tied weight appears once, under its first name
-        names[id(p)] = fqn
-        out[f"model.{fqn}"] = to_plain(p)
+    loading writes into them in place. A quantized optimizer state is its plain components
+    (optim_state.py)."""
+    out: dict[str, torch.Tensor] = {f"model.{fqn}": to_plain(p) for fqn, p in model.named_parameters()}
     if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state[p].items():
-                    out[f"optim.state.{names[id(p)]}.{key}"] = to_plain(value)
+        out |= state_tensors(optimizer, _param_names(model))
     return out
 
 
@@ -378,9 +378,10 @@ def _verified_reader(path: Path) -> SafeFileSystemReader:
     return SafeFileSystemReader(Path(path) / "dcp")
 
 
-def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
     """Verify the checkpoint against its manifest, then load its tensors in place into
-    `model` (and `optimizer`'s state)."""
+    `model` (and `optimizer`'s state). Returns the names of the optimizer states the checkpoint
+    held in another form (another optim.name), converted into the live one."""
     reader = _verified_reader(path)
     try:
         # Read the metadata ourselves first: DCP would swallow a refused pickle and retry
@@ -394,12 +395,15 @@ def load_tensors(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimiz
         # Step 0 (a rollback to the start saves it again) has no optimizer state: nothing has
         # stepped yet, and a fresh optimizer is exactly what training from step 0 starts with.
         optimizer = None
+    targets, convert = tensor_state(model, None), list
     if optimizer is not None:
         init_optimizer_state(optimizer)
-    targets = tensor_state(model, optimizer)
+        state, convert = load_targets(optimizer, _param_names(model), metadata.state_dict_metadata)
+        targets |= state
     try:
         with _quiet_single_process():
             dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
+        return convert()
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         # CheckpointException derives from BaseException: `except Exception` would miss it.
         inner = _inner(e)

@@ -9,6 +9,10 @@ all-gathered in FP8: half the bytes of bf16.
 
 Only rank 0 writes files (logs, summary, checkpoint metadata) and prints; every rank joins
 the collective parts (forward/backward, DCP checkpoint payloads, evaluation).
+
+Several nodes: one torchrun per node with a c10d rendezvous (README, scripts/slurm-fsdp.sh),
+and `parallel.replicate` = nodes for HSDP. Every rank writes its shards into the run directory
+and rank 0 the metadata, so the run directory must be on a file system all nodes share.
 """
 
 from __future__ import annotations
@@ -59,9 +63,6 @@ def init(mode: str, device: str) -> DistEnv:
                           "torchrun --nproc_per_node=N -m fp8lab train -c CONFIG ...")
     if dist.is_initialized():
         return current()
-    if os.environ.get("LOCAL_WORLD_SIZE") not in (None, os.environ["WORLD_SIZE"]):
-        raise FP8LabError("parallel.data_parallel=fsdp runs on one node for now (rank 0 writes the checkpoint "
-                          "metadata, so all ranks must share its file system); use --nnodes=1")
     cuda = device != "cpu" and torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fp8lab.config import JobConfig
+from fp8lab.data.loader import reshard_state
 from fp8lab.data.shards import sha256_file
 from fp8lab.errors import FP8LabError
 from fp8lab.train.build import RunParts, build
@@ -22,6 +23,7 @@ from fp8lab.train.checkpoint import (
     verify_checkpoint,
 )
 from fp8lab.train.guard import Guard
+from fp8lab.train.optim_state import check_switch, switch_message
 from fp8lab.train.rng import restore_rng
 from fp8lab.train.rundir import with_recipe
 
@@ -82,25 +84,38 @@ def resume(run_dir: Path, cfg: JobConfig, newest: tuple[int, Path] | None, *, ke
 
 def restore(path: Path, state: dict, parts: RunParts, guard: Guard, *, world_size: int) -> None:
     """Load checkpoint `path` (its `state`) into freshly built parts: weights, optimizer, data
-    position, RNG and guard. A different model, rank count or data set is the user's error; content
-    that does not restore is the checkpoint's (DamagedCheckpoint)."""
+    position, RNG and guard; one written on another rank count is resharded. A different model
+    or data set, or a data position this run's global batch cannot continue from, is the user's
+    error; content that does not restore is the checkpoint's (DamagedCheckpoint)."""
     saved_args = state.get("model_args", {})
     now = dataclasses.asdict(parts.model_args)
     diff = [k for k in now if k in saved_args and saved_args[k] != now[k]]
     if diff:
         raise FP8LabError(f"checkpoint {path} has a different model shape: "
                           + ", ".join(f"{k} {saved_args[k]} vs {now[k]}" for k in diff))
-    if state.get("world_size", 1) != world_size:
-        raise FP8LabError(f"checkpoint {path} was written by {state.get('world_size', 1)} rank(s), this run has "
-                          f"{world_size}: each rank's share of the data would change; resume with "
-                          f"--nproc_per_node={state.get('world_size', 1)}")
+    # Another rank count: DCP reshards the tensors, and the data position carries over as the
+    # sequences (tokens) of the epoch served, exact because the sequences of a global batch
+    # depend on its size only (data/loader.py); a position that is not a whole number of this
+    # run's global batches is refused. data.micro_batch_size cannot change on resume (rundir.py),
+    # so the checkpoint's is this run's unless it records its own.
+    saved_ranks, saved_micro = state.get("world_size", 1), state.get("micro_batch_size", parts.loader.batch_size)
+    data = reshard_state(state.get("data"), global_batch=saved_ranks * saved_micro, to=parts.loader)
+    if saved_ranks * saved_micro != parts.loader.global_batch and state.get("skip_windows"):
+        raise FP8LabError(f"checkpoint {path} records data a rollback skipped, counted in global batches of "
+                          f"{saved_ranks} rank(s) x {saved_micro} sequences; resume it with that global batch "
+                          f"(--nproc_per_node={saved_ranks})")
     if state.get("data_fingerprint") not in (None, data_fingerprint(parts.dataset)):
         raise FP8LabError(f"the data at {parts.dataset.path} is not the data this run was trained on "
                           f"(its manifest changed since {path}); point data.path at the original data "
                           "or start a new --run-dir")
-    load_tensors(path, model=parts.model, optimizer=parts.optimizer)
+    saved_optim = state.get("optim", "adamw")  # checkpoints before optim.name hold torch's AdamW
+    check_switch(path, saved_optim, parts.optimizer)
+    # Another optim.name's state is converted into this one's (see optim_state.py); the header and summary say so.
+    converted = load_tensors(path, model=parts.model, optimizer=parts.optimizer)
+    if message := switch_message(saved_optim, parts.optimizer, converted, state["step"]):
+        parts.notes.append(message)
     try:
-        parts.loader.load_state_dict(state["data"])
+        parts.loader.load_state_dict(data)
         restore_rng(state["rng"])
         if "guard" in state:
             guard.load_state_dict(state["guard"])

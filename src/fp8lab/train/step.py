@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
@@ -100,7 +101,13 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
         dist.all_reduce(n_all)
         scale = (parts.dist.world_size / n_all).float()
     loss_sum = torch.zeros((), device=parts.device)
+    # FSDP2: one reduce-scatter per step, not per micro-batch. Each rank keeps the whole (fp32)
+    # gradient over the micro-batches and the last backward reduces their sum (the losses are
+    # scaled alike either way); parallel.reduce_every_micro_batch trades that memory back.
+    no_sync = isinstance(parts.model, FSDPModule) and not cfg.parallel.reduce_every_micro_batch
     for i, batch in enumerate(batches):
+        if no_sync:
+            parts.model.set_requires_gradient_sync(i == len(batches) - 1)
         x, y, docs = device_batch(batch, parts.device)
         with parts.autocast():
             loss = model_loss(parts.model, x, y, docs=docs, chunk_tokens=cfg.train.loss_chunk_tokens)

@@ -113,6 +113,11 @@ class Trainer:
             self.event("cleanup", f"removed unfinished checkpoint folders left by a killed run: {', '.join(removed)}")
         if state:
             self.event("resume", f"resumed from {self.resumed_from} at step {self.step}")
+            if state.get("optim", "adamw") != self.cfg.optim.name:  # the state was converted (resume.py)
+                old = state.get("optim", "adamw")
+                self.event("optim-change", next((n for n in self.parts.notes if n.startswith("optim.name")),
+                                                f"optim.name {old} -> {self.cfg.optim.name}: no state needed "
+                                                "converting"), old=old, new=self.cfg.optim.name)
             before = state.get("recipe", self.cfg.precision.recipe)
             if before != self.cfg.precision.recipe:  # only with --allow-recipe-change
                 self.event("recipe-change", f"precision.recipe {before} -> {self.cfg.precision.recipe} from step "
@@ -127,7 +132,7 @@ class Trainer:
             "model_args": dataclasses.asdict(self.parts.model_args), "skipped_steps": self.skipped_steps,
             "guard": self.guard.state_dict(), "bf16_layers": self.bf16_layers,
             "skip_windows": self.skip_windows, "recipe_history": self.recipe_history,
-            "init_digest": self.init_digest, "world_size": self.env.world_size,
+            "init_digest": self.init_digest, "world_size": self.env.world_size, "optim": self.cfg.optim.name,
         }
         good = self.guard.last_good_step
         save_checkpoint(self.run_dir, step=self.step, model=self.parts.model, optimizer=self.parts.optimizer,

@@ -1,20 +1,13 @@
-"""Job configuration: one dataclass per component, TOML files and dotted CLI overrides.
-
-Precedence is CLI > TOML > defaults. Every field carries its documentation (and, where
-the value is one of a set, its choices) in `metadata`, so errors and `fp8lab train
---help-config` can name the key and list what is allowed. Each section validates itself
-in `__post_init__`; cross-section rules live in `JobConfig.__post_init__`.
-"""
+"""The job configuration's sections: one dataclass per component, each field carrying its
+documentation (and, where the value is one of a set, its choices) in `metadata`, so errors and
+`fp8lab train --help-config` can name the key and list what is allowed. Each section validates
+itself in `__post_init__`; cross-section rules live in `JobConfig.__post_init__`."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import tomllib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import tomli_w
@@ -110,6 +103,11 @@ class TrainConfig:
     loss_chunk_tokens: int = opt(0, "compute the output layer and loss this many tokens at a time, "
                                     "recomputing them in backward, so the full fp32 logits never exist "
                                     "(large vocabularies; e.g. 4096). 0: all at once")
+    activation_checkpoint: str = opt("none", "recompute activations in backward instead of keeping them, per "
+                                             "transformer block: full = keep only the block's input, run its "
+                                             "forward again in backward; selective = keep the matmul and attention "
+                                             "outputs, recompute the element-wise work (norms, RoPE, SiLU, casts)",
+                                     choices=("none", "full", "selective"))
     seed: int = opt(0, "seed of the model's initial weights")
     eval_interval: int = opt(50, "evaluate on the held-out batches every N steps (0: only at the end)")
     eval_batches: int = opt(4, "held-out micro-batches per evaluation (the same ones for every run)")
@@ -134,7 +132,11 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "optimizer (AdamW with decay on matrices, none on norms)", choices=("adamw",))
+    name: str = opt("adamw", "AdamW (decay on matrices, none on norms) with its two moments in: fp32 (adamw, 8 "
+                             "bytes/parameter), bf16 (adamw-bf16, 4), or TorchAO's block-quantized 8-bit, FP8 or "
+                             "4-bit states (about 2, 2 and 1; FP8-LM's memory saving; the fp32 masters stay); moments "
+                             "of tensors under 4096 values stay fp32",
+                    choices=("adamw", "adamw-bf16", "adamw-8bit", "adamw-fp8", "adamw-4bit"))
     lr: float = opt(3e-4, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine schedule)")
     warmup_steps: int = opt(10, "linear warm-up steps")
@@ -240,9 +242,22 @@ class ParallelConfig:
                              choices=("none", "fsdp"))
     float8_all_gather: bool = opt(False, "with fsdp and fp8-tensorwise: all-gather the converted weights in "
                                          "FP8 (half the bytes of the bf16 gather used otherwise)")
+    replicate: int = opt(1, "with fsdp: HSDP, the ranks as replicate x shard groups (e.g. nodes x GPUs per node); "
+                            "1: plain FSDP over all ranks")
+    reduce_every_micro_batch: bool = opt(False, "with fsdp and train.grad_accum_steps > 1: reduce-scatter the "
+                                                "gradients after every micro-batch (sharded gradients, the least "
+                                                "memory) instead of once per step (each rank keeps the whole fp32 "
+                                                "gradient over the micro-batches: fewer collectives)")
 
     def __post_init__(self):
         _check_choices(self, "parallel")
+        # A bool or float is not a group count (TOML true would pass `>= 1`); the runtime check that
+        # it divides the rank count is in train/build.py, where the mesh is built.
+        if not isinstance(self.replicate, int) or isinstance(self.replicate, bool) or self.replicate < 1:
+            raise FP8LabError(f"parallel.replicate={self.replicate!r} must be an integer >= 1 (HSDP replica groups)")
+        if self.replicate > 1 and self.data_parallel != "fsdp":
+            raise FP8LabError(f"parallel.replicate={self.replicate} needs parallel.data_parallel=fsdp (HSDP is FSDP2 "
+                              "sharded within groups and replicated across them)")
 
 
 @dataclass
@@ -340,160 +355,3 @@ class JobConfig:
             for sec in dataclasses.fields(self)
             for f in dataclasses.fields(getattr(self, sec.name))
         }
-
-
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
-
-
-def _section_fields(section: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
-
-
-def _unknown(kind: str, name: str, known: list[str]) -> FP8LabError:
-    # Compare the last part only: the shared "section." prefix makes every key look close.
-    last = lambda s: s.rsplit(".", 1)[-1]  # noqa: E731
-    by_last = {last(k): k for k in known}
-    close = difflib.get_close_matches(last(name), list(by_last), n=1)
-    hint = f" (did you mean {by_last[close[0]]!r}?)" if close else ""
-    return FP8LabError(f"unknown {kind} {name!r}{hint}; known: {', '.join(known)}")
-
-
-def _resolve(key: str) -> dataclasses.Field:
-    if "." not in key:
-        raise FP8LabError(f"config key {key!r} must be section.key, e.g. train.steps")
-    section, name = key.split(".", 1)
-    if section not in SECTIONS:
-        raise _unknown("config section", section, list(SECTIONS))
-    fields = _section_fields(section)
-    if name not in fields:
-        raise _unknown("config key", key, [f"{section}.{n}" for n in fields])
-    return fields[name]
-
-
-def _field_type(key: str) -> tuple[type, bool]:
-    """(base type, whether None is allowed) of a `section.key`."""
-    section, name = key.split(".", 1)
-    tp = typing.get_type_hints(SECTIONS[section])[name]  # resolves `from __future__` strings
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union:
-        return args[0], True
-    return (typing.get_origin(tp) or tp), False
-
-
-INT_LIMIT = 2**63  # what torch and numpy take as a count or a seed (int64)
-
-
-def _typed(key: str, value: Any, *, from_text: bool) -> Any:
-    """Check (TOML) or parse (CLI text) a value against the field's type."""
-    value = _parsed(key, value, from_text=from_text)
-    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
-        raise FP8LabError(f"{key}={value} is out of range: at most {INT_LIMIT - 1:,}")
-    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise FP8LabError(f"{key} must be a list of non-empty names (strings), got {value!r}")
-    return value
-
-
-def _parsed(key: str, value: Any, *, from_text: bool) -> Any:
-    _resolve(key)
-    tp, optional = _field_type(key)
-    if from_text:
-        text = value.strip()
-        if optional and text.lower() in ("none", "null"):
-            return None
-        try:
-            if tp is bool:
-                low = text.lower()
-                if low in ("true", "1", "yes", "on"):
-                    return True
-                if low in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError
-            if tp is list:
-                return [s.strip() for s in text.split(",") if s.strip()]
-            return tp(text)
-        except ValueError:
-            raise FP8LabError(f"{key}={value!r} is not a valid {tp.__name__}") from None
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-        or (tp is list and isinstance(value, list))
-    )
-    if not ok:
-        raise FP8LabError(f"{key}={value!r} has type {type(value).__name__}; expected {tp.__name__}")
-    try:
-        return float(value) if tp is float else value
-    except OverflowError:
-        raise FP8LabError(f"{key}={value} is too large for a float") from None
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """['--train.steps=40', '--precision.recipe', 'bf16'] -> {'train.steps': '40', ...}."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise FP8LabError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise FP8LabError(f"{arg} needs a value: {arg}=VALUE")
-            key, value = arg[2:], args[i + 1]
-            i += 1
-        _resolve(key)
-        out[key] = value
-        i += 1
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> JobConfig:
-    """Defaults, then the TOML file, then the `section.key -> text` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise FP8LabError(f"config file {path} {what}; pass -c with a TOML file such as configs/demo.toml")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise FP8LabError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise FP8LabError(f"config file {path} is not valid TOML: {e}") from None
-    return config_from_dict(raw, origin=str(path) if path else "defaults", overrides=overrides)
-
-
-def config_from_dict(raw: dict[str, Any], *, origin: str, overrides: dict[str, str] | None = None) -> JobConfig:
-    """Build a JobConfig from TOML-shaped data (checked key by key) plus text overrides."""
-    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    for section, table in raw.items():
-        if section not in SECTIONS:
-            raise _unknown(f"config section (in {origin})", section, list(SECTIONS))
-        if not isinstance(table, dict):
-            raise FP8LabError(f"{origin}: [{section}] must be a table of keys")
-        for name, value in table.items():
-            key = f"{section}.{name}"
-            try:
-                values[section][name] = _typed(key, value, from_text=False)
-            except FP8LabError as e:
-                raise FP8LabError(f"{origin}: {e}") from None
-    for key, text in (overrides or {}).items():
-        section, name = key.split(".", 1)
-        values[section][name] = _typed(key, text, from_text=True)
-    return JobConfig(**{s: SECTIONS[s](**kw) for s, kw in values.items()})
-
-
-def describe_fields() -> str:
-    """Every key with its default, choices and documentation, for --help-config."""
-    lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            choices = f.metadata.get("choices")
-            extra = f" ({' | '.join(map(str, choices))})" if choices else ""
-            lines.append(f"  {section}.{f.name} = {default!r}{extra}\n      {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
