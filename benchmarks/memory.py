@@ -7,8 +7,8 @@ training steps of a small model on this device beside the prediction.
         [--seq-len 512] [--micro-batch 32] [--num-gpus 1]
     python benchmarks/memory.py --measure [--preset debug] [--seq-len 256] [--micro-batch 8] [--vocab 320]
 
-The prediction assumes bf16 autocast (a GPU); --measure uses what this device runs (fp32 on a
-CPU without native bf16, FP8 emulated on CPU) and predicts for exactly that. Measured = the live
+The prediction assumes a GPU run: bf16 autocast, blocks compiled; --measure uses what this device
+runs (fp32 on a CPU without native bf16, FP8 emulated on CPU) and predicts for exactly that. Measured = the live
 tensor bytes at the step's peak from torch's memory profiler (perf.memory.measure_peak); on CUDA
 also torch.cuda.max_memory_allocated, which adds the allocator's rounding and workspaces.
 """
@@ -38,7 +38,7 @@ def predict_table(args) -> int:
     short = {"parameters": "params", "gradients": "grads", "optimizer state": "optim",
              "low-precision weight copies": "lp copies", "activations": "acts", "logits": "logits"}
     head = ["preset", "recipe", "optimizer", "AC", *(short[p] for p in PARTS), "total GB", *gpus]
-    print(f"predicted peak per GPU (GB), {args.micro_batch} x {args.seq_len} tokens per micro-batch, bf16 autocast"
+    print(f"predicted peak per GPU (GB), {args.micro_batch} x {args.seq_len} tokens per micro-batch, bf16 autocast, compiled"
           + (f", FSDP2 over {args.num_gpus} GPUs" if args.num_gpus > 1 else ""))
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for preset in _csv(args.presets):
@@ -50,7 +50,8 @@ def predict_table(args) -> int:
             for opt in _csv(args.optimizers):
                 for ac in _csv(args.ac):
                     plan = predict_memory(margs, tokens=tokens, recipe=recipe, converted=conv, optimizer=opt,
-                                          activation_checkpoint=ac, compute_bytes=2, num_gpus=args.num_gpus)
+                                          activation_checkpoint=ac, compute_bytes=2, num_gpus=args.num_gpus,
+                                          compiled=True)
                     gb = plan.gb()
                     fits = ["yes" if plan.total <= spec.mem_gb * 1e9 else "no" for spec in gpus.values()]
                     print("| " + " | ".join([preset, recipe, opt, ac, *(f"{gb[p]:.1f}" for p in PARTS),

@@ -30,5 +30,5 @@ def test_loss_memory_benchmark_runs_and_the_chunked_loss_is_the_same(tmp_path):
 
 
 def test_gpu_check_scripts_parse():
-    for name in ("check.sh", "advise_check.sh", "compare_check.sh"):
+    for name in ("check.sh", "advise_check.sh", "compare_check.sh", "memory_check.sh"):
         assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu" / name)]).returncode == 0, name

@@ -28,12 +28,10 @@ def data(tmp_path_factory):
 
 # fp32 compute everywhere (also on CPUs with native bf16): the model's bytes per value are then
 # those of the run, whatever the machine.
-@pytest.mark.parametrize("extra", [
-    {},
-    {"precision.recipe": "fp8-tensorwise"},
-    {"train.activation_checkpoint": "full"},
-    {"train.activation_checkpoint": "selective"},
-], ids=["bf16-recipe", "fp8-tensorwise", "ac-full", "ac-selective"])
+# Two settings whose peaks fall at different moments (the start of backward; a checkpointed block's
+# recompute): profiling a step is slow, and benchmarks/memory.py --measure covers the rest
+# (predicted / measured on this CPU, 2026-12-01: fp8-tensorwise 0.99, selective 1.04 and 1.05).
+@pytest.mark.parametrize("extra", [{}, {"train.activation_checkpoint": "full"}], ids=["bf16-recipe", "ac-full"])
 def test_the_predicted_peak_is_within_10_percent_of_the_measured_one(data, extra):
     cfg = load_config(None, {"data.path": str(data), "data.seq_len": str(SEQ), "data.micro_batch_size": str(BATCH),
                              "model.vocab_size": str(VOCAB), "precision.compute_dtype": "fp32",
@@ -80,3 +78,21 @@ def test_the_optimizer_state_bytes_are_those_of_the_real_tensors(data, name):
     init_optimizer_state(parts.optimizer)
     real = state_nbytes(parts.optimizer)
     assert optimizer_bytes(parts.model_args, name) == pytest.approx(real, rel=0.02)
+
+
+def test_the_benchmark_table_says_what_fits_where(capsys):
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("memory_bench", REPO / "benchmarks" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--presets", "8b", "--recipes", "fp8-tensorwise", "--optimizers", "adamw,adamw-8bit",
+                       "--ac", "none,full", "--gpus", "h200", "--micro-batch", "16"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 8b")]
+    fits = {(r[2], r[3]): r[-1].strip(" |") for r in rows}
+    # Llama 3 8B at 16 x 512 tokens on one 141 GB H200: not with fp32 AdamW state and every
+    # activation kept; checkpointed blocks or 8-bit state each make it fit.
+    assert fits == {("adamw", "none"): "no", ("adamw", "full"): "yes", ("adamw-8bit", "none"): "yes",
+                    ("adamw-8bit", "full"): "yes"}

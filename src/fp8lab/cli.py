@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command not in takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.fn(args, rest)
+        code = args.fn(args, rest)
+        sys.stdout.flush()  # a reader gone early shows here, inside the handler below, not at exit
+        return code
     except FP8LabError as e:
         print(f"fp8lab: {e.prefix}: {e}", file=sys.stderr)
         return e.exit_code

@@ -162,8 +162,8 @@ def predict_memory(args: ModelArgs, *, tokens: int, recipe: str = "bf16", conver
     one_block = block_activation_bytes(args, compute_bytes=compute_bytes, compiled=compiled) * tokens
     recompute = one_block if activation_checkpoint != "none" else 0.0  # a checkpointed block's forward, again
     working = 4 * 4 * args.dim * tokens  # backward's own gradients of the residual stream and its siblings
-    # TorchAO's emulation (CPU) holds fp32 upcasts of the largest converted matmul's operands while
-    # the activations are all alive (measured: 2 x tokens x ffn_dim x 4 bytes on the debug model).
+    # TorchAO's emulation (CPU) holds fp32 upcasts of the largest converted matmul's operands in
+    # its backward, whatever else is alive (measured: 2 x tokens x ffn_dim x 4 bytes, debug model).
     emul = 2 * 4 * tokens * args.ffn_dim if emulated and get_recipe(recipe).is_low_precision and converted else 0
     L = args.n_layers
     moments = {
@@ -172,7 +172,8 @@ def predict_memory(args: ModelArgs, *, tokens: int, recipe: str = "bf16", conver
         "the last block's recompute": {"gradients": head_grad, "low-precision weight copies": copies,
                                        "activations": kept * L + recompute + emul, "logits": 0.0},
         "the end of backward": {"gradients": grads, "low-precision weight copies": copies / L,
-                                "activations": (kept if recompute else 0.0) + one_block + working, "logits": 0.0},
+                                "activations": (kept if recompute else 0.0) + one_block + working + emul,
+                                "logits": 0.0},
         "the optimizer step": {"gradients": grads, "low-precision weight copies": 0.0, "activations": 0.0,
                                "logits": 0.0},
     }
