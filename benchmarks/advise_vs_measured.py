@@ -6,6 +6,9 @@ bf16 (forward + backward of the layer) for this GPU, with the rates advise would
 card's `fp8lab doctor` measurement when cached) and with the datasheet's, and on a CUDA GPU
 the measured speedup (perf.measure.time_linear: fp32 master weight, bf16 autocast,
 torch.compile, CUDA events, warm-up, median). Without CUDA it prints the predictions only.
+Beside the ratios it prints the predicted and measured milliseconds of each side, and the JSON
+holds the predicted kernels of each row (perf.roofline_linear.linear_cost), so a layer whose
+prediction misses shows which side, and which kernels, to look at.
 
     python benchmarks/advise_vs_measured.py --preset 1b --tokens 16384 \\
         --recipes fp8-tensorwise,fp8-rowwise --out benchmarks/results/advise-1b
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from fp8lab.gpus import GPUS, get_gpu, lookup_gpu
     from fp8lab.models.presets import preset_args
     from fp8lab.perf.measure import load_measured_rates, time_linear
-    from fp8lab.perf.roofline import layer_speedup, model_linears, rates_for, supports
+    from fp8lab.perf.roofline import layer_speedup, linear_cost, model_linears, rates_for, supports
     from fp8lab.precision.recipes import get_recipe
 
     cuda = torch.cuda.is_available()
@@ -66,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"layers": names, "m": m, "k": k, "n": n, "recipe": r.name,
                              "unsupported": supports(r, rates)})
                 continue
+            cost = linear_cost(m, k, n, r, rates)
             row = {"layers": names, "m": m, "k": k, "n": n, "recipe": r.name,
                    "predicted": round(layer_speedup(m, k, n, r, rates), 3),
-                   "predicted_vendor": round(layer_speedup(m, k, n, r, vendor), 3), "bf16_ms": None, "recipe_ms": None,
-                   "measured": None}
+                   "predicted_vendor": round(layer_speedup(m, k, n, r, vendor), 3),
+                   "predicted_bf16_ms": round(linear_cost(m, k, n, "bf16", rates).total_s * 1e3, 4),
+                   "predicted_recipe_ms": round(cost.total_s * 1e3, 4),
+                   "predicted_kernels_us": {name: round(t * 1e6, 1) for name, t in cost.kernels},
+                   "bf16_ms": None, "recipe_ms": None, "measured": None}
             if cuda:
                 t0 = time.perf_counter()
                 try:
@@ -85,14 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.preset} linears, M={args.tokens}, {spec.name}; predicted with {rates.source} rates"
              + ("" if cuda else " (no CUDA here: predictions only)"))
     lines = [f"# {title}", "", f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if cuda else ""), "",
-             "| layers | M x K x N | recipe | predicted | predicted (vendor) | measured | bf16 ms | fp8 ms |",
+             "| layers | M x K x N | recipe | predicted | predicted (vendor) | measured | bf16 ms (pred.) "
+             "| fp8 ms (pred.) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         f = lambda v: "-" if v is None else f"{v}"  # noqa: E731
         lines.append(f"| {', '.join(row['layers'])} | {row['m']}x{row['k']}x{row['n']} | {row['recipe']} | "
                      f"{f(row.get('predicted'))} | {f(row.get('predicted_vendor'))} | "
                      f"{f(row.get('measured')) if 'error' not in row else 'failed: ' + row['error']} | "
-                     f"{f(row.get('bf16_ms'))} | {f(row.get('recipe_ms'))} |")
+                     f"{f(row.get('bf16_ms'))} ({f(row.get('predicted_bf16_ms'))}) | "
+                     f"{f(row.get('recipe_ms'))} ({f(row.get('predicted_recipe_ms'))}) |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "advise_vs_measured.json").write_text(json.dumps(
         {"title": title, "gpu": gpu_id, "rates": rates.to_dict(), "measured_rates": measured, "cuda": cuda,

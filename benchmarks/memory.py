@@ -38,7 +38,8 @@ def predict_table(args) -> int:
     short = {"parameters": "params", "gradients": "grads", "optimizer state": "optim",
              "low-precision weight copies": "lp copies", "activations": "acts", "logits": "logits"}
     head = ["preset", "recipe", "optimizer", "AC", *(short[p] for p in PARTS), "total GB", *gpus]
-    print(f"predicted peak per GPU (GB), {args.micro_batch} x {args.seq_len} tokens per micro-batch, bf16 autocast, compiled"
+    print(f"predicted peak per GPU (GB), {args.micro_batch} x {args.seq_len} tokens per micro-batch, bf16 autocast, compiled, "
+          f"{args.loss_head} loss head"
           + (f", FSDP2 over {args.num_gpus} GPUs" if args.num_gpus > 1 else ""))
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for preset in _csv(args.presets):
@@ -51,7 +52,7 @@ def predict_table(args) -> int:
                 for ac in _csv(args.ac):
                     plan = predict_memory(margs, tokens=tokens, recipe=recipe, converted=conv, optimizer=opt,
                                           activation_checkpoint=ac, compute_bytes=2, num_gpus=args.num_gpus,
-                                          compiled=True)
+                                          compiled=True, loss_head=args.loss_head)
                     gb = plan.gb()
                     fits = ["yes" if plan.total <= spec.mem_gb * 1e9 else "no" for spec in gpus.values()]
                     print("| " + " | ".join([preset, recipe, opt, ac, *(f"{gb[p]:.1f}" for p in PARTS),
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--num-gpus", type=int, default=1)
+    p.add_argument("--loss-head", default="fused", choices=("fused", "plain", "checkpointed"), help="train.loss_head")
     p.add_argument("--measure", action="store_true", help="measure real steps of --preset on this device instead")
     p.add_argument("--preset", default="debug", help="with --measure: the model measured")
     p.add_argument("--vocab", type=int, default=320, help="with --measure: its vocabulary")

@@ -43,6 +43,7 @@ def test_json_alone_on_stdout_and_in_the_out_file(bench):
     md = (out / "r.md").read_text()
     baseline = result["recipes"][0]["label"]  # "bf16", or what ran instead on a CPU without native bf16
     assert f"| {baseline} | ok |" in md and "| fp8-tensorwise | ok |" in md and "bf16/recipe" in md
+    assert "| 7/8: wq wk wv wo w1 w2 w3 |" in md  # FP8 linears: every block linear, not the output
 
 
 def test_every_timed_step_counted_and_the_figures_follow_from_them(bench):
@@ -67,6 +68,8 @@ def test_every_timed_step_counted_and_the_figures_follow_from_them(bench):
     assert bf16["speedup_vs_bf16"] == 1.0
     assert fp8["speedup_vs_bf16"] == pytest.approx(fp8["tokens_per_s"] / bf16["tokens_per_s"])
     assert bf16["converted"] == 0 and fp8["converted"] > 0
+    out = fp8["fp8_linears"][-1]  # the output layer, skipped by precision.skip_modules; listed last
+    assert out["name"] == "output" and (out["converted"], out["total"]) == (0, 1) and "skip_modules" in out["skipped"]
 
 
 def test_emulated_rows_say_so_loudly(bench):
@@ -147,12 +150,19 @@ def test_bad_flags_exit_2_naming_them(capsys, args, needle):
     assert err.startswith("fp8lab: error: ") and needle in err
 
 
-def test_random_data_runs_without_a_data_set(cache):
+def test_random_data_runs_without_a_data_set_and_vs_plain_beside_it(cache):
+    # --vs-plain rides along (one bench process fewer in the suite): tests/test_plain_loop.py has the rest
     proc = run_cli(["bench", "--recipes", "bf16", "--steps", 1, "--warmup", 0, "--random-data", "--json",
-                    *tiny_args()], cache=cache)
+                    "--vs-plain", *tiny_args()], cache=cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
-    assert r["recipes"][0]["status"] == "ok"
+    (row,) = r["recipes"]
+    assert row["status"] == "ok"
+    plain = row["plain"]  # the plain loop's run of the same shapes and batch
+    assert plain["status"] == "ok" and plain["tokens_per_step"] == row["tokens_per_step"] == r["tokens_per_step"]
+    assert plain["tokens_per_s"] > 0 and row["vs_plain"] == pytest.approx(row["tokens_per_s"] / plain["tokens_per_s"])
+    assert row["plain_speedup_vs_bf16"] == 1.0 and row["fp8_linears"] == [] and "bf16: plain loop: " in proc.stderr
+    assert r["plain"]["shape"]["dim"] == r["model"]["dim"] and r["plain"]["shape"]["vocab"] == r["model"]["vocab_size"]
     path = r["overrides"]["data.path"]
     assert path.startswith(str(cache / "bench-data")) and "random-v320-s32-n4" in path  # debug preset's vocab
     assert r["model"]["vocab_size"] == 320

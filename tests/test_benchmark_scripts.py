@@ -19,14 +19,14 @@ def test_overhead_benchmark_runs_and_prints_the_ratio(tmp_path):
     assert "4 interleaved steps each" in proc.stdout
 
 
-def test_loss_memory_benchmark_runs_and_the_chunked_loss_is_the_same(tmp_path):
+def test_loss_memory_benchmark_runs_and_the_fused_loss_is_the_same(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loss_memory.py"), "--vocab", "1024",
-                           "--tokens", "1024", "--chunks", "0,256"], capture_output=True, text=True, timeout=180,
-                          env=cli_env(tmp_path))
+                           "--tokens", "1024", "--heads", "plain:0,fused:256"], capture_output=True, text=True,
+                          timeout=180, env=cli_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"^\| \d+ \|", line)]
-    assert [r[0].strip() for r in rows] == ["0", "256"]
-    assert rows[0][1] == rows[1][1]  # the same loss per token, to the printed digits
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"^\| [a-z]+ \| \d+ \|", line)]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("plain", "0"), ("fused", "256")]
+    assert rows[0][2] == rows[1][2]  # the same loss per token, to the printed digits
 
 
 def test_gpu_check_scripts_parse():

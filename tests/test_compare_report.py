@@ -129,8 +129,8 @@ def test_report_files_and_embedded_images(tmp_path):
     assert [r[1] for r in rows] == ["**baseline**", "**parity**", "**diverged**", "**unsupported**"]
     by = {r[0]: r for r in rows}
     assert by["bf16"][2] == "8,485" and by["fp8-tensorwise"][3] == "0.40x" and by["fp8-tensorwise"][7] == "+0.0030"
-    assert by["mxfp8"][2] == "–" and "\\<script>" in by["mxfp8"][8]
-    assert "1 divergence event" in by["fp8-rowwise"][8]
+    assert by["mxfp8"][2] == "–" and "\\<script>" in by["mxfp8"][9]
+    assert "1 divergence event" in by["fp8-rowwise"][9]
     for n in ALL_PLOTS:
         assert f"](plots/{n}.png)" in md
     for text in ("fp8lab compare -c configs/demo.toml", "NOT representative", "2.13.0+cpu", "0.18.0",

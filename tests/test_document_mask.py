@@ -52,8 +52,8 @@ def test_the_mask_is_causal_and_block_diagonal():
 # does not depend on its neighbours; tensorwise scales see the whole window (packed and alone
 # differ by quantisation), and the weight-gradient casts of every recipe see all tokens.
 @pytest.mark.parametrize("recipe", [None, "fp8-rowwise"])
-@pytest.mark.parametrize("chunk", [0, 9])
-def test_a_packed_window_with_the_mask_gives_the_documents_own_losses(recipe, chunk):
+@pytest.mark.parametrize("head,chunk", [("plain", 0), ("fused", 9)])
+def test_a_packed_window_with_the_mask_gives_the_documents_own_losses(recipe, head, chunk):
     model = _model(recipe)
     x, y, docs = _packed()
     # Each document alone, starting at position 0 with the EOS that precedes it as its first input.
@@ -61,7 +61,7 @@ def test_a_packed_window_with_the_mask_gives_the_documents_own_losses(recipe, ch
     separate = copy.deepcopy(model)
     total = sum(model_loss(separate, x[:, a:b], y[:, a:b]) for a, b in zip(starts, starts[1:]))
     total.backward()
-    packed = model_loss(model, x, y, docs=docs, chunk_tokens=chunk)
+    packed = model_loss(model, x, y, docs=docs, head=head, chunk_tokens=chunk)
     packed.backward()
     assert packed.item() == pytest.approx(total.item(), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), separate.parameters()):

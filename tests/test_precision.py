@@ -13,6 +13,7 @@ from torch import nn
 from fp8lab.errors import FP8LabError
 from fp8lab.models import Transformer, preset_args
 from fp8lab.precision import RECIPES, convert, get_recipe, to_plain
+from fp8lab.precision.convert import groups_text, linear_groups
 from fp8lab.precision.support import check_cuda_capability
 
 FP8_RECIPES = [r for r in RECIPES if r != "bf16"]
@@ -47,6 +48,14 @@ def test_converts_every_eligible_linear_and_skips_the_head(recipe):
     assert report.emulated  # CPU
     if get_recipe(recipe).kind == "float8":
         assert type(linears["layers.0.attention.wq"]).__name__ == "Float8Linear"
+    # what bench and compare print: the layer kinds converted, the output layer not
+    assert groups_text(report.linear_groups()) == "7/8: wq wk wv wo w1 w2 w3"
+
+
+def test_a_kind_converted_in_some_blocks_says_how_many():
+    report = convert(debug_model(), recipe="fp8-tensorwise", skip_modules=["output", "layers.0.feed_forward.w2"])
+    assert groups_text(report.linear_groups()) == "7/8: wq wk wv wo w1 w3 w2(3/4)"
+    assert groups_text(linear_groups([], [{"name": "output"}])) == "none"
 
 
 def test_skip_patterns_dims_and_filter_fn():

@@ -126,9 +126,14 @@ def test_checkpoint_from_every_recipe_loads_under_every_other(tiny_data, checkpo
             assert torch.isfinite(target.model(x)).all()
 
 
-def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path):
-    trainer = Trainer(trainer_config(tiny_data, **{"debug.inject_nan_at_step": 2}), tmp_path)
+@pytest.mark.parametrize("deferred", [True, False])
+def test_nonfinite_step_is_skipped_and_leaves_state_bit_identical(tiny_data, tmp_path, deferred):
+    """Deferred: fused AdamW is queued before the loss and norm reach the host and skips on the
+    device (found_inf); otherwise the host decides first. The same state either way."""
+    trainer = Trainer(trainer_config(tiny_data, **{"debug.inject_nan_at_step": 2,
+                                                   "train.deferred_sync": deferred}), tmp_path)
     b, cfg = trainer.parts, trainer.cfg
+    assert all(g["fused"] for g in b.optimizer.param_groups)  # the kernel that can skip on the device
     assert train_step(b, cfg, 1, [b.loader.next_batch()]).stepped  # a normal step first: state exists
 
     def snapshot():

@@ -3,26 +3,53 @@ the headline, from the result dict of step_bench.run_bench."""
 
 from __future__ import annotations
 
+from fp8lab.precision.convert import groups_text
 from fp8lab.ui import fmt as _f
 
 
+def fp8_linears(r: dict) -> str:
+    """The recipe's converted linears ('7/8: wq wk wv wo w1 w2 w3'; precision.convert.groups_text)."""
+    groups = r.get("fp8_linears")
+    return str(r["converted"]) if groups is None else groups_text(groups)  # None: a row of an older bench
+
+
+PLAIN_HEAD = ["plain tok/s (vs its bf16)", "fp8lab/plain", "vs plain bf16"]
+
+
+def plain_cells(r: dict) -> list[str]:
+    """The --vs-plain columns of one row: the plain loop's tokens/s (or why none) and its speedup
+    over its own bf16, fp8lab over the plain loop, fp8lab over the plain bf16 loop."""
+    p = r.get("plain")
+    if p is None:
+        return ["-"] * len(PLAIN_HEAD)
+    if p["status"] == "ok":
+        tps = f"{p['tokens_per_s']:,.0f} ({_f(r.get('plain_speedup_vs_bf16'), '.2f', 'x')})"
+    else:
+        tps = f"{p['status']}: {p['reason']}"
+    return [tps, _f(r.get("vs_plain"), ".3f"), _f(r.get("vs_plain_bf16"), ".2f", "x")]
+
+
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """The per-recipe table as (header, rows) of text, for the console and for markdown."""
+    """The per-recipe table as (header, rows) of text, for the console and for markdown; the
+    plain loop's columns come after the note, with --vs-plain only."""
+    vs_plain = bool(result.get("plain"))
     head = ["recipe", "status", "tokens/s", "vs bf16", "spread (min-max, IQR)", "step ms", "TFLOP/s", "MFU",
-            "peak mem GB", "predicted GB", "FP8 linears", "startup s", "note"]
+            "peak mem GB", "predicted GB", "FP8 linears", "startup s", "note"] + (PLAIN_HEAD if vs_plain else [])
     out = []
     for r in result["recipes"]:
+        extra = plain_cells(r) if vs_plain else []
         if r["status"] != "ok":
-            out.append([r["recipe"], r["status"], *["-"] * 10, r["reason"]])
+            out.append([r["recipe"], r["status"], *["-"] * 10, r["reason"], *extra])
             continue
         spread = f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}, {r['iqr_pct']:.1f}%"
         note = "EMULATED (see note)" if r["emulated"] else ""
         if r["skipped_steps"]:
             note = f"{r['skipped_steps']} non-finite steps skipped the optimizer; " + note
-        out.append([r.get("label") or r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}", _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
+        out.append([r.get("label") or r["recipe"], "ok", f"{r['tokens_per_s']:,.0f}",
+                    _f(r.get("speedup_vs_bf16"), ".2f", "x"), spread,
                     f"{r['step_time_s'] * 1e3:,.1f}", f"{r['tflops']:.3g}", _f(r["mfu"], ".1%"),
-                    f"{r['mem_peak_gb']:.2f}", _f(r.get("mem_predicted_gb"), ".2f"), str(r["converted"]),
-                    f"{r['startup_s']:.1f}", note])
+                    f"{r['mem_peak_gb']:.2f}", _f(r.get("mem_predicted_gb"), ".2f"), fp8_linears(r),
+                    f"{r['startup_s']:.1f}", note, *extra])
     return head, out
 
 
@@ -65,6 +92,8 @@ def to_markdown(result: dict) -> str:
     lines = [f"# {headline(result)}", "",
              f"torch {v['torch']}, torchao {v['torchao']}, CUDA {v['cuda']}, Python {v['python']}; "
              f"memory: {result['memory']}; {mfu_basis(result)}", "", *md(*table_rows(result))]
+    if result.get("plain"):
+        lines += ["", f"Plain: {result['plain']['what']}."]
     if result["layers"] is not None:
         lines += ["", f"Per linear shape: {result['layers']['what']}.", "", *md(*layer_table_rows(result))]
     lines += [""] + [f"- {n}" for n in result["notes"]]

@@ -22,7 +22,8 @@ def predict_for(parts: RunParts, cfg: JobConfig) -> MemoryPlan:
         converted=converted_groups(parts), optimizer=cfg.optim.name,
         activation_checkpoint=cfg.train.activation_checkpoint, compute_bytes=parts.compute_dtype.itemsize,
         num_gpus=parts.dist.world_size if cfg.parallel.data_parallel == "fsdp" else 1,
-        loss_chunk_tokens=cfg.train.loss_chunk_tokens, emulated=parts.report.emulated, compiled=parts.compiled)
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens, emulated=parts.report.emulated, compiled=parts.compiled,
+        loss_head=parts.loss_head, head_compiled=parts.loss_grad_fn is not None)
 
 
 def measure_for(parts: RunParts, cfg: JobConfig) -> dict[str, float]:

@@ -13,6 +13,10 @@ the build as startup_s; then `steps` timed steps, each by CUDA events on a GPU a
 clock on CPU. The figure is the median; the spread is min/max tokens/s and the interquartile
 range of the step times as a percentage of the median. Speedups are against the bf16 row of
 the same invocation, never another baseline.
+
+A --recipes entry may set a [precision] key for its row alone, e.g. `fp8-rowwise:filter_mode=auto`,
+so a filter is measured against bf16 in the same invocation. --vs-plain also runs the plain
+reference loop (plain_loop.py) per recipe, alternating with fp8lab's worker (vs_plain.py).
 """
 
 from __future__ import annotations
@@ -54,19 +58,46 @@ class BenchOptions:
     layers: bool = False
     random_data: bool = False
     timeout_s: float | None = None  # per recipe; None: no limit
+    vs_plain: bool = False  # also run the plain reference loop per recipe (vs_plain.py)
+    find_batch: bool = False  # search the largest micro-batch that fits instead (find_batch.py)
+
+
+FIND_BATCH_SEQUENCES = 4096  # --find-batch --random-data: enough sequences for the largest micro-batch tried
+
+# [precision] keys a --recipes entry may set for its own row ('fp8-rowwise:filter_mode=auto'):
+# those the recipe support check does not depend on, with values that hold no comma.
+ENTRY_KEYS = ("filter_mode", "filter_gpu", "compile")
+
+
+def split_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """'fp8-rowwise:filter_mode=auto' -> ('fp8-rowwise', {'precision.filter_mode': 'auto'})."""
+    name, *settings = (s.strip() for s in entry.split(":"))
+    extra = {}
+    for setting in settings:
+        key, eq, value = (s.strip() for s in setting.partition("="))
+        if not eq or key not in ENTRY_KEYS or not value:
+            raise FP8LabError(f"--recipes entry {entry!r}: after the recipe, ':KEY=VALUE' sets one of "
+                              f"{', '.join(ENTRY_KEYS)} of [precision] for that row alone, "
+                              "e.g. fp8-rowwise:filter_mode=auto")
+        extra[f"precision.{key}"] = value
+    return name, extra
 
 
 def parse_recipes(text: str) -> list[str]:
     """'bf16, fp8-rowwise' -> ['bf16', 'fp8-rowwise']; an unknown name is an FP8LabError
-    naming it and listing the known ones; duplicates are dropped."""
+    naming it and listing the known ones; duplicates are dropped. Entries with settings
+    ('fp8-rowwise : filter_mode=auto') come back in one spelling ('fp8-rowwise:filter_mode=auto')."""
     from fp8lab.precision.recipes import get_recipe
 
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
+    entries = []
+    for s in (s.strip() for s in text.split(",")):
+        if s:
+            name, extra = split_entry(s)
+            get_recipe(name)  # raises with the known names
+            entries.append(":".join([name, *(f"{k.removeprefix('precision.')}={v}" for k, v in extra.items())]))
+    if not entries:
         raise FP8LabError(f"--recipes {text!r} names no recipe; e.g. --recipes {DEFAULT_RECIPES}")
-    for n in names:
-        get_recipe(n)  # raises with the known names
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(entries))
 
 
 def check_options(opts: BenchOptions) -> None:
@@ -234,7 +265,8 @@ def measure(spec: dict) -> dict:
         "recipe": cfg.precision.recipe, "label": parts.label, "status": "ok", "reason": None,
         "emulated": parts.report.emulated,
         "compute_dtype": str(parts.compute_dtype).removeprefix("torch."), "compiled": parts.compiled,
-        "converted": parts.report.num_converted, "params": sum(p.numel() for p in parts.model.parameters()),
+        "converted": parts.report.num_converted, "fp8_linears": parts.report.linear_groups(),
+        "params": sum(p.numel() for p in parts.model.parameters()),
         "flops_per_token": parts.flops_per_token, "tokens_per_step": tokens_per_step, "device": name,
         "build_s": build_s, "startup_s": startup_s, "warmup_steps": spec["warmup"], "steps": len(times),
         "step_times_s": times, **stats, "tflops": tflops, "mfu": tflops / peak if peak else None,
@@ -242,6 +274,15 @@ def measure(spec: dict) -> dict:
         "skipped_steps": skipped,
         "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(parts.notes),
     }
+    if cuda and cfg.precision.recipe == BASELINE and not skipped and spec.get("store", True):
+        # `fp8lab advise` anchors its step predictions to the measured bf16 step of the same shapes and settings.
+        from fp8lab.perf.measure import step_key, store_step_time
+
+        key = step_key(parts.model_args, tokens=cfg.data.micro_batch_size * cfg.data.seq_len, seq_len=cfg.data.seq_len,
+                       grad_accum=cfg.train.grad_accum_steps, loss_head=parts.loss_head,
+                       residual_dtype=cfg.precision.residual_dtype, activation_checkpoint=cfg.train.activation_checkpoint,
+                       optimizer=cfg.optim.name, compiled=parts.compiled)
+        store_step_time(name, key=key, step_s=stats["step_time_s"], source=f"fp8lab bench, median of {len(times)} steps")
     if spec.get("layers") and parts.report.recipe != BASELINE:
         shapes = linear_shapes(parts.model, {c["name"] for c in parts.report.converted})
         recipe, device, compiled = get_recipe(parts.report.recipe), parts.device, parts.compiled
@@ -283,15 +324,16 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def launch(spec: dict, workdir: Path, *, timeout_s: float | None) -> dict:
-    """Run one recipe's worker; its row, or a failed row with the reason and the log's tail."""
-    name = spec["overrides"]["precision.recipe"]
-    result, log = workdir / f"{name}.json", workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "fp8lab.bench.step_bench", "--worker", json.dumps(spec), "--result", str(result)]
+def launch(spec: dict, workdir: Path, *, timeout_s: float | None, tag: str,
+           module: str = "fp8lab.bench.step_bench") -> dict:
+    """Run one worker (`python -m module --worker SPEC --result FILE`; files named by `tag`); its
+    row, or a failed row with the reason and the log's tail."""
+    result, log = workdir / f"{tag}.json", workdir / f"{tag}.log"
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec), "--result", str(result)]
     child = run_child(cmd, env=_worker_env(), log=log, timeout_s=timeout_s)  # a Ctrl-C here ends it at once
     if child.returncode == 0 and result.exists():
         return json.loads(result.read_text()) | {"wall_s": child.wall_s}
-    return {"recipe": name, "status": "failed", "reason": failure_reason(child.returncode, child.output, timeout_s),
+    return {"status": "failed", "reason": failure_reason(child.returncode, child.output, timeout_s),
             "wall_s": child.wall_s, "log_tail": child.output.splitlines()[-30:]}
 
 
@@ -307,11 +349,20 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
 
     overrides = dict(opts.overrides)
     cfg = load_config(opts.config, overrides)
+    if opts.vs_plain:
+        from fp8lab.bench.vs_plain import MODULE as PLAIN_MODULE
+        from fp8lab.bench.vs_plain import PlainRuns, check_comparable
+
+        check_comparable(cfg)  # before anything is written or started
+    entries = {e: split_entry(e) for e in opts.recipes}
+    for _, extra in entries.values():
+        load_config(opts.config, overrides | extra)  # a bad value in an entry fails here, not in its worker
     notes: list[str] = []
     if opts.random_data:
         vocab = cfg.model.vocab_size or PRESETS[cfg.model.preset].vocab_size
         path = random_dataset(vocab=vocab, seq_len=cfg.data.seq_len,
-                              count=cfg.data.micro_batch_size * cfg.train.grad_accum_steps)
+                              count=cfg.data.micro_batch_size * cfg.train.grad_accum_steps if not opts.find_batch
+                              else FIND_BATCH_SEQUENCES)
         overrides["data.path"] = str(path)
         cfg = load_config(opts.config, overrides)
         notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
@@ -321,33 +372,55 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
                      "boolean mask; on CUDA that rules out the flash kernel); bench again without it for its cost")
     # The trainer's own support check (in a child process where there is CUDA: this process must
     # not hold a CUDA context while the workers measure): what it would refuse is unsupported.
-    here = check_recipes_here(opts.recipes, device=cfg.train.device, emulate=cfg.precision.emulate,
-                              compute_dtype=cfg.precision.compute_dtype)
+    here = check_recipes_here(list(dict.fromkeys(n for n, _ in entries.values())), device=cfg.train.device,
+                              emulate=cfg.precision.emulate, compute_dtype=cfg.precision.compute_dtype)
     # Data and model errors surface here, once, before any worker starts (and the embedded
     # corpus is built once, not raced by the workers).
     args = model_args_for(cfg, open_data(cfg).vocab_size)
     name, cuda = here["device"], here["cuda"]
     tokens_per_step = cfg.tokens_per_step
+    if opts.find_batch:
+        from fp8lab.bench.find_batch import run_find_batch
+
+        return run_find_batch(opts, cfg, args, here=here, overrides=overrides, launch=launch, progress=progress,
+                              notes=notes, versions=stack_versions())
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fp8lab-bench-") as tmp:
-        for rname in opts.recipes:
+        plain = None
+        if opts.vs_plain:
+            def run_plain(spec: dict, tag: str) -> dict:
+                return launch(spec, Path(tmp), timeout_s=opts.timeout_s, tag=tag, module=PLAIN_MODULE)
+            plain = PlainRuns(cfg, args, opts, cuda=cuda, run=run_plain, baseline=BASELINE, progress=progress)
+        for i, (entry, (rname, extra)) in enumerate(entries.items()):
             recipe = get_recipe(rname)
             if rname in here["unsupported"]:
-                rows.append({"recipe": rname, "status": "unsupported", "reason": here["unsupported"][rname]})
-                progress(f"{rname}: unsupported: {here['unsupported'][rname]}")
+                rows.append({"recipe": entry, "status": "unsupported", "reason": here["unsupported"][rname]})
+                progress(f"{entry}: unsupported: {here['unsupported'][rname]}")
                 continue
-            progress(f"{rname}: build + {opts.warmup} warm-up + {opts.steps} timed steps"
-                     + (" + layer timings" if opts.layers and recipe.is_low_precision else "") + " ...")
-            spec = {"config": opts.config, "overrides": overrides | {"precision.recipe": rname},
-                    "warmup": opts.warmup, "steps": opts.steps, "layers": opts.layers}
-            row = launch(spec, Path(tmp), timeout_s=opts.timeout_s)
+            # With --vs-plain, fp8lab and the plain loop take turns going first (A B, B A, ...),
+            # so a drift over the run (clocks, temperature) does not fall on one side only.
+            entry_overrides = overrides | extra | {"precision.recipe": rname}
+            plain_first = plain is not None and i % 2 == 1
+            if plain_first:
+                plain.measure(entry, load_config(opts.config, entry_overrides), tag=f"{i:02d}-{rname}-plain")
+            layers = opts.layers and recipe.is_low_precision and not extra  # an entry's settings: the same layers
+            progress(f"{entry}: build + {opts.warmup} warm-up + {opts.steps} timed steps"
+                     + (" + layer timings" if layers else "") + " ...")
+            spec = {"config": opts.config, "overrides": entry_overrides,
+                    "warmup": opts.warmup, "steps": opts.steps, "layers": layers}
+            # The worker names the recipe; the row is the entry's (which may carry settings).
+            row = launch(spec, Path(tmp), timeout_s=opts.timeout_s, tag=f"{i:02d}-{rname}") | {"recipe": entry}
+            if extra and row["status"] == "ok":
+                row["label"] = f"{row['label']} {entry.partition(':')[2].replace(':', ' ')}"
             rows.append(row)
             if row["status"] == "ok":
-                progress(f"{rname}: {row['tokens_per_s']:,.0f} tokens/s (startup {row['startup_s']:.1f} s, "
+                progress(f"{entry}: {row['tokens_per_s']:,.0f} tokens/s (startup {row['startup_s']:.1f} s, "
                          f"{row['wall_s']:.0f} s in all)")
             else:
-                progress(f"{rname}: failed: {row['reason']}")
+                progress(f"{entry}: failed: {row['reason']}")
+            if plain is not None and not plain_first:
+                plain.measure(entry, load_config(opts.config, entry_overrides), tag=f"{i:02d}-{rname}-plain")
 
     base = next((r for r in rows if r["recipe"] == BASELINE and r["status"] == "ok"), None)
     for r in rows:  # emulated rows already carry EMULATION_NOTE (build's notes)
@@ -362,6 +435,8 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
     if any(r["skipped_steps"] for r in ok):
         notes.append("some timed steps had a non-finite loss or gradient norm and skipped the optimizer step "
                      "(see skipped_steps): those steps are cheaper than real ones")
+    if plain is not None:
+        notes += plain.merge(rows)
     layer_rows = [lr for r in rows for lr in r.pop("layers", [])]
     compiled = next((r["compiled"] for r in ok), None)
     return {
@@ -379,6 +454,7 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
                    else "peak resident set (ru_maxrss) of the recipe's process, Python and torch included")
                   + "; predicted: fp8lab's memory model (perf/memory.py) for the same step, tensors only",
         "baseline": BASELINE,
+        "plain": plain.describe() if plain is not None else None,
         "recipes": rows,
         "layers": None if not opts.layers else {
             "what": (f"one nn.Linear (in k -> out n, fp32 master weight) forward + backward on m = "
@@ -393,8 +469,10 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
 
 
 def exit_code(result: dict) -> int:
-    """0 when every supported recipe ran (unsupported rows are findings), 1 when one failed."""
-    return 1 if any(r["status"] == "failed" for r in result["recipes"]) else 0
+    """0 when every supported recipe ran (unsupported rows are findings), 1 when one failed
+    (with --vs-plain: the plain loop's run of it too)."""
+    return 1 if any("failed" in (r["status"], (r.get("plain") or {}).get("status")) for r in result["recipes"]) \
+        else 0
 
 
 if __name__ == "__main__":

@@ -160,13 +160,13 @@ def _blocks(s: dict, plots, skipped: dict[str, str]) -> list:
         rows.append([str(r.get("label") or r.get("recipe", "?")), [("verdict", str(r.get("verdict") or DASH))],
                      tokens(r.get("tokens_per_s")), ratio(r.get("speedup_vs_bf16")), _fmt(r.get("mem_peak_gb"), ".2f"),
                      loss(r.get("final_train_loss")), loss(r.get("final_eval_loss")), gap(r.get("loss_gap")),
-                     "; ".join(notes) or DASH])
+                     str(r.get("converted_layers") or DASH), "; ".join(notes) or DASH])
     listed = {str(r.get("recipe")) for r in results}
     for name in s.get("recipes") or []:
         if str(name) not in listed:
-            rows.append([str(name), DASH, DASH, DASH, DASH, DASH, DASH, DASH, "no result recorded"])
+            rows.append([str(name), DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, "no result recorded"])
     b.append(("table", ["recipe", "verdict", "tokens/s", "vs bf16", "peak mem GB", "final train loss",
-                        "final eval loss", "gap vs bf16", "notes"], "llrrrrrrl", rows))
+                        "final eval loss", "gap vs bf16", "FP8 linears", "notes"], "llrrrrrrll", rows))
     band = noise.get("band")
     b.append(("ul", [
         ["Metric: ", str(s.get("metric") or DASH)],

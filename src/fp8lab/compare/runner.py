@@ -226,6 +226,8 @@ def assemble(plan: Plan, results: dict[str, list], unsupported: dict[str, str]) 
         table.append({
             "recipe": recipe, "label": next((row["label"] for row in rows[recipe] if row["label"]), recipe),
             "compute_dtype": next((row["compute_dtype"] for row in rows[recipe] if row["compute_dtype"]), None),
+            "converted_layers": next((row["converted_layers"] for row in rows[recipe] if row.get("converted_layers")),
+                                     None),
             "status": status,
             "reason": unsupported.get(recipe) or ("; ".join(reasons) if reasons else None),
             "verdict": v.verdict, "verdict_detail": v.detail,

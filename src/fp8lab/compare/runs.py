@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from fp8lab.compare.verdict import Outcome
 from fp8lab.errors import FP8LabError
+from fp8lab.precision.convert import groups_text, linear_groups
 from fp8lab.procs import INTERRUPTS, failure_reason, run_child
 from fp8lab.train.logs import read_jsonl
 from fp8lab.train.preempt import PREEMPTED_EXIT
@@ -113,6 +114,7 @@ def read_run(spec: RunSpec, status: str, reason: str | None) -> tuple[Outcome, d
            "rollbacks": outcome.rollbacks, "alarms": alarms, "init_digest": summary.get("init_digest"),
            "emulated": summary.get("emulated"), "label": summary.get("label"),
            "compute_dtype": summary.get("compute_dtype"), "converted": (summary.get("conversion") or {}).get("num_converted"),
+           "converted_layers": _layers_text(summary.get("conversion")),
            # With --allow-fallback a rollback may have changed the recipe: the row says so.
            "final_recipe": summary.get("recipe"), "recipe_history": summary.get("recipe_history", []),
            "data_crc": [r.get("data_crc") for r in recs]}
@@ -130,3 +132,10 @@ def environment(summaries: list[dict]) -> dict:
     return {"device": s.get("device"), "torch": versions.get("torch"), "torchao": versions.get("torchao"),
             "cuda": versions.get("cuda"), "python": versions.get("python"),
             "emulated": any(x.get("emulated") for x in summaries), "notes": notes}
+
+
+def _layers_text(conversion: dict | None) -> str | None:
+    """'7/8: wq wk ...' from a summary's conversion report (None for a run without one)."""
+    if not conversion:
+        return None
+    return groups_text(linear_groups(conversion.get("converted", []), conversion.get("skipped", [])))

@@ -17,15 +17,15 @@ STYLE = {"baseline": "bold", "parity": "green", "worse": "red", "diverged": "bol
 def print_summary(summary: dict) -> None:
     t = Table(title=f"fp8lab compare: {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, "
                     f"{len(summary['seeds'])} seed(s), {summary['environment'].get('device') or '?'}")
-    for col in ("recipe", "verdict", "tok/s", "vs bf16", "peak mem GB", "train loss", "eval loss", "gap"):
-        t.add_column(col, justify="left" if col in ("recipe", "verdict") else "right")
+    for col in ("recipe", "verdict", "tok/s", "vs bf16", "peak mem GB", "train loss", "eval loss", "gap", "FP8 linears"):
+        t.add_column(col, justify="left" if col in ("recipe", "verdict", "FP8 linears") else "right")
     for r in summary["results"]:
         style = STYLE.get(r["verdict"], "")
         name = escape(r.get("label") or r["recipe"]) + (" (emulated)" if r.get("emulated") else "")
         t.add_row(name, f"[{style}]{r['verdict']}[/]",
                   _f(r["tokens_per_s"], ",.0f"), _f(r["speedup_vs_bf16"], ".2f") + ("x" if r["speedup_vs_bf16"] else ""),
                   _f(r["mem_peak_gb"], ".2f"), _f(r["final_train_loss"], ".4f"), _f(r["final_eval_loss"], ".4f"),
-                  _f(r["loss_gap"], "+.4f"))
+                  _f(r["loss_gap"], "+.4f"), escape(r.get("converted_layers") or "-"))
     console.print(t)
     for r in summary["results"]:
         if r["recipe"] != "bf16" or r["verdict"] != "baseline":

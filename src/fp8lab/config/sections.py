@@ -100,9 +100,19 @@ STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 class TrainConfig:
     steps: int = opt(100, "optimizer steps to train for (0: evaluate and save the step-0 checkpoint only)")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
-    loss_chunk_tokens: int = opt(0, "compute the output layer and loss this many tokens at a time, "
-                                    "recomputing them in backward, so the full fp32 logits never exist "
-                                    "(large vocabularies; e.g. 4096). 0: all at once")
+    loss_head: str = opt("auto", "how the output layer and loss run: fused = chunk by chunk, the logits' "
+                                 "gradient and both backward GEMMs computed in forward (no fp32 logits, no "
+                                 "recompute); plain = all tokens at once on fp32 logits; checkpointed = chunks "
+                                 "recomputed in backward; auto = fused on CUDA, plain on CPU (and plain for an FP8 "
+                                 "output layer, which fused cannot run)",
+                         choices=("auto", "fused", "plain", "checkpointed"))
+    loss_chunk_tokens: int = opt(0, "tokens per chunk of the fused and checkpointed loss heads (0: as many as "
+                                    "keep a chunk's logits at 512M values on CUDA, 4,185 tokens for Llama 3's vocabulary; 64M on "
+                                    "CPU, where the softmax pass runs eagerly)")
+    deferred_sync: bool = opt(True, "read the loss and gradient norm after the optimizer step is queued, which "
+                                    "skips a non-finite step on the device (fused AdamW's found_inf), so the GPU "
+                                    "never waits mid-step; needs fused AdamW (optim.fused), else they are read "
+                                    "first; false: always read first and skip on the host")
     activation_checkpoint: str = opt("none", "recompute activations in backward instead of keeping them, per "
                                              "transformer block: full = keep only the block's input, run its "
                                              "forward again in backward; selective = keep the matmul and attention "
@@ -146,9 +156,15 @@ class OptimConfig:
     beta2: float = opt(0.95, "Adam beta2")
     eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: measure, do not clip)")
+    fused: str = opt("auto", "torch's fused AdamW kernel (one launch for all parameters, CUDA and CPU): auto = "
+                             "wherever the weights are plain tensors (not MXFP8's); optim.name=adamw only",
+                     choices=("auto", "on", "off"))
 
     def __post_init__(self):
         _check_choices(self, "optim")
+        if self.fused == "on" and self.name != "adamw":
+            raise FP8LabError(f"optim.fused=on is torch's AdamW kernel; optim.name={self.name} has its own "
+                              "update: set optim.fused=auto")
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:  # also false for NaN
@@ -177,6 +193,9 @@ class PrecisionConfig:
                                   "b200 for mxfp8)", choices=("auto", *GPUS))
     compile: str = opt("auto", "torch.compile the model: auto = on for CUDA, off for CPU",
                        choices=("auto", "on", "off"))
+    residual_dtype: str = opt("fp32", "dtype of the residual stream between blocks: fp32, or compute (bf16 under "
+                                      "bf16 autocast: half the bytes of every residual add and norm, as torchtitan "
+                                      "keeps it)", choices=("fp32", "compute"))
 
     def __post_init__(self):
         _check_choices(self, "precision")

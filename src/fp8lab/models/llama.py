@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.models.head import head_loss
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -102,7 +104,8 @@ class RMSNorm(nn.Module):
         # activations loses the small ones.
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        # The output keeps the input's dtype, so a bf16 residual stream stays bf16 past the fp32 gain.
+        return (out.type_as(x) * self.weight).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -213,6 +216,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # dtype of the residual stream between blocks (precision.residual_dtype): None keeps the
+        # embedding's (fp32 masters: fp32; under FSDP2's bf16 gather: bf16).
+        self.residual_dtype: torch.dtype | None = None
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         # Not persistent: derived from the args, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -275,10 +281,19 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                *, head: str = "plain", chunk_tokens: int = 0, grad_fn: Callable | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size). `docs` (B, T), optional: the
-        document each position belongs to; positions attend only within their document."""
-        return self.output(self.hidden_states(tokens, docs))
+        document each position belongs to; positions attend only within their document.
+
+        With `targets` (B, T): the summed cross-entropy instead, through the loss head `head`
+        (models/head.py: fused, plain, checkpointed), so that under FSDP2 the loss runs inside
+        the root module's forward, where its weights are gathered."""
+        h = self.hidden_states(tokens, docs)
+        if targets is None:
+            return self.output(h)
+        return head_loss(h.flatten(0, 1), self.output, targets.flatten(), head=head, chunk_tokens=chunk_tokens,
+                         grad_fn=grad_fn)
 
     def hidden_states(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> the normed final hidden states (B, T, dim) the output layer
@@ -287,6 +302,8 @@ class Transformer(nn.Module):
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if self.residual_dtype is not None:
+            h = h.to(self.residual_dtype)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         mask = None if docs is None else document_mask(docs)  # built once, shared by every block
         for block in self.layers.values():

@@ -1,7 +1,8 @@
 """Measure this GPU: its BF16 / FP8 / MXFP8 matmul rates and copy bandwidth, and the time of
 one linear layer's forward + backward under a recipe. Results are cached as JSON under
 $FP8LAB_CACHE (default ~/.cache/fp8lab), keyed by the device name and the torch version, so
-`fp8lab advise` and the `auto` layer filter reuse them.
+`fp8lab advise` and the `auto` layer filter reuse them. `fp8lab bench` also stores measured
+step times here (store_step_time), which `fp8lab advise` anchors its prediction to.
 
 Method (as ../shared/gpu/README.md and the mmapeak caveat ask): random data, never zeros
 (zeros draw less power and run faster); warm-up first; CUDA events; the median of the timed
@@ -12,7 +13,9 @@ emulation, not FP8 hardware.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 import time
 from datetime import datetime, timezone
@@ -26,6 +29,7 @@ from fp8lab.gpus import GPUS, lookup_gpu
 
 RATES_FILE = "gpu_rates.json"
 LAYERS_FILE = "layer_timings.json"
+STEPS_FILE = "step_times.json"
 GEMM_SHAPE = (8192, 8192, 8192)  # M, K, N: large enough to approach peak on every GPU we know
 COPY_BYTES = 1 << 30
 
@@ -260,3 +264,81 @@ def store_layer_times(device_name: str, recipe: str, m: int, k: int, n: int, com
     data[layer_key(device_name, recipe, m, k, n, compiled)] = entry
     _write(LAYERS_FILE, data)
     return entry
+
+
+# -- whole training steps (`fp8lab bench` stores them, `fp8lab advise` anchors to them) ----------
+
+# What a step time is stored under: the settings that change its speed. Build it with step_key.
+STEP_KEY_FIELDS = ("model", "tokens", "seq_len", "recipe", "grad_accum", "loss_head", "residual_dtype",
+                   "activation_checkpoint", "optimizer", "compiled")
+_RESIDUAL = {"compute": "bf16"}  # precision.residual_dtype=compute is bf16 under bf16 autocast
+
+
+def step_key(args, *, tokens: int, seq_len: int, grad_accum: int = 1, recipe: str = "bf16",
+             loss_head: str = "fused", residual_dtype: str = "fp32", activation_checkpoint: str = "none",
+             optimizer: str = "adamw", compiled: bool = True) -> dict:
+    """The key a measured step of model `args` (ModelArgs) is stored and looked up under: tokens
+    per micro-batch, sequence length, micro-batches per optimizer step, recipe, and the step
+    settings that change its speed (train.loss_head, precision.residual_dtype,
+    train.activation_checkpoint, optim.name, torch.compile on or off)."""
+    model = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+    return {"model": model, "tokens": int(tokens), "seq_len": int(seq_len), "recipe": recipe,
+            "grad_accum": int(grad_accum), "loss_head": loss_head,
+            "residual_dtype": _RESIDUAL.get(residual_dtype, residual_dtype),
+            "activation_checkpoint": activation_checkpoint, "optimizer": optimizer, "compiled": bool(compiled)}
+
+
+def _canonical(key: dict) -> str:
+    """One string per key: sorted JSON, residual dtype named one way."""
+    if not isinstance(key, dict):
+        raise FP8LabError(f"a step key is a dict (perf.measure.step_key), not {type(key).__name__}")
+    missing = [f for f in STEP_KEY_FIELDS if f not in key]
+    if missing:
+        raise FP8LabError(f"step key lacks {', '.join(missing)}: build it with perf.measure.step_key")
+    key = dict(key, residual_dtype=_RESIDUAL.get(key["residual_dtype"], key["residual_dtype"]))
+    try:
+        return json.dumps(key, sort_keys=True)
+    except TypeError as e:
+        raise FP8LabError(f"step key is not plain data: {e}") from None
+
+
+def store_step_time(device_name: str, *, key: dict, step_s: float, source: str) -> None:
+    """Record a measured optimizer step of `step_s` seconds on the GPU called `device_name`
+    (torch.cuda.get_device_name) under `key` (step_key), with where it came from (`source`,
+    e.g. "fp8lab bench, median of 15 steps"). Atomic; the newest measurement of a key wins."""
+    if not (isinstance(step_s, (int, float)) and math.isfinite(step_s) and step_s > 0):
+        raise FP8LabError(f"a step time is a positive number of seconds, not {step_s!r}")
+    canon = _canonical(key)
+    entry = {"device_name": device_name, "key": json.loads(canon), "step_s": float(step_s), "source": source,
+             "torch": torch_version(), "torchao": package_version("torchao"),
+             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    data = _read(STEPS_FILE)  # read just before writing: another process may have written meanwhile
+    data[f"{device_name} | torch {torch_version()} | {canon}"] = entry
+    _write(STEPS_FILE, data)
+
+
+def load_step_time(device_name: str, *, key: dict) -> dict | None:
+    """The newest measured step under `key` on this GPU model, preferring one made with this
+    torch version: {'step_s', 'source', 'device_name', 'date', 'torch', 'torchao', 'key'}.
+    `device_name` is a torch device name or a GPU table id ("h200"): entries match when both name
+    the same GPU in fp8lab's table (or, for a card not in it, the same device name)."""
+    canon = _canonical(key)
+    spec = lookup_gpu(device_name)
+
+    def same_gpu(name: str) -> bool:
+        return name == device_name or (spec is not None and lookup_gpu(name) is spec)
+
+    entries = []
+    for e in _read(STEPS_FILE).values():
+        if not (isinstance(e, dict) and isinstance(e.get("step_s"), (int, float)) and e["step_s"] > 0):
+            continue  # a damaged entry is ignored, as a damaged cache is
+        try:
+            match = same_gpu(str(e.get("device_name", ""))) and _canonical(e.get("key")) == canon
+        except FP8LabError:
+            continue
+        if match:
+            entries.append(e)
+    if not entries:
+        return None
+    same = [e for e in entries if e.get("torch") == torch_version()]
+    return dict(max(same or entries, key=lambda e: e.get("date", "")))

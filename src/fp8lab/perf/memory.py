@@ -19,6 +19,7 @@ import collections
 from dataclasses import dataclass, field
 
 from fp8lab.models.flops import param_counts
+from fp8lab.models.head import chunk_size
 from fp8lab.models.llama import ModelArgs
 from fp8lab.precision.recipes import get_recipe
 
@@ -116,13 +117,24 @@ def kept_bytes(args: ModelArgs, *, compute_bytes: int, mode: str, compiled: bool
     return 4.0 * d + c * (d + 2 * kv + d + d + 2 * f + d)  # q/k/v, attention, wo, w1/w3, w2 outputs
 
 
-def logits_bytes(args: ModelArgs, *, tokens: int, compute_bytes: int, chunk_tokens: int = 0) -> float:
-    """The head at its peak, in the loss's backward: log-softmax's saved fp32 output, the gradient
-    arriving at it and the one it passes to the logits (three fp32 (tokens x vocab) tensors; the
-    chunked loss holds one chunk's), plus the final norm's saved tensors."""
-    n = min(chunk_tokens, tokens) if chunk_tokens else tokens
+def logits_bytes(args: ModelArgs, *, tokens: int, compute_bytes: int, chunk_tokens: int = 0,
+                 head: str = "fused", compiled: bool = False) -> float:
+    """The loss head at its peak (train.loss_head, models/head.py), plus the final norm's saved tensors.
+
+    plain: in the loss's backward, log-softmax's saved fp32 output, the gradient arriving at it and
+    the one it passes to the logits (three fp32 (tokens x vocab) tensors); checkpointed: one chunk's.
+    fused: at the end of forward, one chunk's logits, the softmax pass's fp32 temporaries (eager only:
+    compiled, it keeps them in registers) and their gradient, beside what it keeps for backward: the
+    hidden states' gradient and the weight's (fp32). (Compiled here means on CUDA, where build compiles
+    the pass.)"""
+    V = args.vocab_size
     norm = (4 + 4 + compute_bytes) * args.dim  # x, normalized (fp32), the scaled output as the output layer keeps it
-    return n * args.vocab_size * 3 * 4 + tokens * norm
+    if head == "fused":
+        n = chunk_size(chunk_tokens, V, tokens, compiled=compiled)
+        per_logit = 2 * compute_bytes + (0 if compiled else 16)  # eager: ~4 fp32 temporaries (models/head.py)
+        return n * V * per_logit + tokens * args.dim * compute_bytes + 4 * V * args.dim + tokens * norm
+    n = chunk_size(chunk_tokens, V, tokens, compiled=False) if head == "checkpointed" else tokens
+    return n * V * 3 * 4 + tokens * norm
 
 
 def weight_copy_bytes(args: ModelArgs, *, compute_bytes: int, recipe: str, converted: set[str]) -> float:
@@ -140,7 +152,7 @@ def weight_copy_bytes(args: ModelArgs, *, compute_bytes: int, recipe: str, conve
 def predict_memory(args: ModelArgs, *, tokens: int, recipe: str = "bf16", converted: set[str] | None = None,
                    optimizer: str = "adamw", activation_checkpoint: str = "none", compute_bytes: int = 2,
                    num_gpus: int = 1, loss_chunk_tokens: int = 0, emulated: bool = False,
-                   compiled: bool = False) -> MemoryPlan:
+                   compiled: bool = False, loss_head: str = "fused", head_compiled: bool | None = None) -> MemoryPlan:
     """Peak bytes per rank of one training step of `tokens` tokens per micro-batch; `emulated`:
     FP8 through TorchAO's emulation (CPU), whose matmul upcasts both FP8 operands to fp32.
 
@@ -157,7 +169,8 @@ def predict_memory(args: ModelArgs, *, tokens: int, recipe: str = "bf16", conver
     if num_gpus > 1:
         copies = copies / args.n_layers * 2
     kept = kept_bytes(args, compute_bytes=compute_bytes, mode=activation_checkpoint, compiled=compiled) * tokens
-    logits = logits_bytes(args, tokens=tokens, compute_bytes=compute_bytes, chunk_tokens=loss_chunk_tokens)
+    logits = logits_bytes(args, tokens=tokens, compute_bytes=compute_bytes, chunk_tokens=loss_chunk_tokens,
+                          head=loss_head, compiled=compiled if head_compiled is None else head_compiled)
     head_grad = 4 * args.vocab_size * args.dim / num_gpus
     one_block = block_activation_bytes(args, compute_bytes=compute_bytes, compiled=compiled) * tokens
     recompute = one_block if activation_checkpoint != "none" else 0.0  # a checkpointed block's forward, again

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -67,6 +68,36 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"num_converted": self.num_converted}
+
+    def linear_groups(self) -> list[dict]:
+        return linear_groups(self.converted, self.skipped)
+
+
+def linear_groups(converted: list[dict], skipped: list[dict]) -> list[dict]:
+    """A conversion by layer name without the block index: [{'name': 'attention.wq', 'converted':
+    16, 'total': 16, 'skipped': None or the first reason}], in the order first converted. Empty when
+    nothing was considered for conversion (bf16)."""
+    groups: dict[str, dict] = {}
+    for entry, done in [(c, True) for c in converted] + [(s, False) for s in skipped]:
+        g = groups.setdefault(re.sub(r"^layers\.\d+\.", "", entry["name"]), {"converted": 0, "total": 0, "skipped": None})
+        g["total"] += 1
+        g["converted"] += done
+        if not done and g["skipped"] is None:
+            g["skipped"] = entry.get("reason")
+    return [{"name": name, **g} for name, g in groups.items()]
+
+
+def groups_text(groups: list[dict]) -> str:
+    """'7/8: wq wk wv wo w1 w2 w3', as bench and compare print linear_groups: of the model's distinct
+    linear names, those converted; '(c/t)' after a name converted in only some blocks."""
+    done = [g for g in groups if g["converted"]]
+    if not done:
+        return "none"
+    short = [g["name"].rsplit(".", 1)[-1] for g in groups]
+    names = short if len(set(short)) == len(short) else [g["name"] for g in groups]
+    said = [n + ("" if g["converted"] == g["total"] else f"({g['converted']}/{g['total']})")
+            for n, g in zip(names, groups) if g["converted"]]
+    return f"{len(done)}/{len(groups)}: " + " ".join(said)
 
 
 def matches(fqn: str, pattern: str) -> bool:

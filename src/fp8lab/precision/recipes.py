@@ -42,9 +42,12 @@ RECIPES: dict[str, Recipe] = {
         Recipe("fp8-tensorwise", "float8", "tensorwise", (8, 9), 16,
                "FP8 e4m3 fwd / e5m2 grads, one scale per tensor (fastest)", _FP8_HW),
         # One scale per row: an outlier only costs its own row's resolution. Scales are
-        # rounded to powers of two; uses the CUTLASS rowwise kernel.
+        # rounded to powers of two; uses the CUTLASS rowwise kernel for the output GEMM. Each
+        # operand is cast along its rows and again along its columns (an amax pass, then a
+        # transposed write) and the backward GEMMs are rescaled in extra kernels: at N <= 2048
+        # that traffic eats most of what the GEMMs save (`fp8lab recipes --why`, perf/roofline.py).
         Recipe("fp8-rowwise", "float8", "rowwise", (8, 9), 16,
-               "FP8 e4m3 everywhere, one scale per row (more robust to outliers)", _FP8_HW),
+               "FP8 e4m3 everywhere, one scale per row (robust to outliers; casts both ways: slower)", _FP8_HW),
         # Rowwise for output and grad_input, but grad_weight in high precision: the most
         # accurate float8 recipe, at the cost of one of three GEMMs.
         Recipe("fp8-rowwise-gw-hp", "float8", "rowwise_with_gw_hp", (8, 9), 16,

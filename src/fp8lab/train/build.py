@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from fp8lab.gpus import mfu_peak_tflops
 from fp8lab.interop.hf_llama import hf_folder, import_args, load_weights
 from fp8lab.interop.hf_tokenizer import check_data_tokenizer
 from fp8lab.models import ModelArgs, Transformer, flops_per_token, param_counts, preset_args
+from fp8lab.models.head import resolve_head, softmax_grad
 from fp8lab.perf.layer_policy import layer_policy
 from fp8lab.precision import EMULATION_NOTE, ConversionReport, convert, get_recipe, plan_conversion, to_plain
 from fp8lab.precision.fsdp import check_fp8_gather_shapes
@@ -91,6 +93,8 @@ class RunParts:
     compiled: bool
     notes: list[str]
     dist: DistEnv = SINGLE  # the rank, with parallel.data_parallel=fsdp
+    loss_grad_fn: Callable | None = None  # the fused loss head's softmax pass, compiled (None: eager)
+    loss_head: str = "plain"  # train.loss_head with auto resolved (models/head.py)
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -164,6 +168,20 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
     report = convert_meta(model, device=device, **how) if fsdp else convert(model, **how)
     if report.emulated:
         notes.append(EMULATION_NOTE)
+    loss_head = resolve_head(cfg.train.loss_head, cuda=on_cuda)
+    if loss_head == "fused" and any(c["name"] == "output" for c in report.converted):
+        if cfg.train.loss_head == "fused":
+            raise FP8LabError(f"train.loss_head=fused computes the output layer's GEMMs itself, but {recipe.name} "
+                              "converted it (precision.skip_modules lacks 'output'): set --train.loss_head=plain (or "
+                              "checkpointed) for an FP8 output layer, or keep 'output' in precision.skip_modules")
+        loss_head = "plain"
+        notes.append("train.loss_head=auto: the plain loss head, as the output layer is FP8 (the fused head runs "
+                     "its GEMMs in bf16)")
+    if cfg.precision.residual_dtype == "compute":
+        model.residual_dtype = compute_dtype
+        if compute_dtype != torch.float32:
+            notes.append(f"precision.residual_dtype=compute: the residual stream between blocks is "
+                         f"{str(compute_dtype).removeprefix('torch.')}")
     # After conversion (it recomputes the converted layers too), before compile (which must trace
     # the checkpointed forward) and FSDP2 (whose per-block hooks then sit outside it): torchtitan's order.
     if apply_activation_checkpointing(model, mode=cfg.train.activation_checkpoint):
@@ -175,6 +193,14 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
         # place keeps the parameter names a checkpoint needs.
         for block in model.layers.values():
             block.compile(dynamic=False)
+    # The head: the final norm (~8 eager kernels over the hidden states, one compiled) and the fused
+    # loss head's softmax pass, memory-bound over (chunk x vocab) logits (compiled, it reads them
+    # once or twice instead of ~6 times). On CPU both stay eager: inductor's C++ build costs more
+    # there than they do (CPU runs are tests, not training).
+    loss_grad_fn = None
+    if compiled and on_cuda:
+        model.norm.compile(dynamic=False)
+        loss_grad_fn = torch.compile(softmax_grad, dynamic=False)
     if fsdp:
         if cfg.parallel.float8_all_gather:
             check_fp8_gather_shapes(model, report, shard_count(env, cfg.parallel.replicate))
@@ -185,7 +211,8 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
     peak = mfu_peak_tflops(device_name(device), recipe.math) if device.type == "cuda" else None
     return RunParts(device=device, model=model, optimizer=optimizer, report=report, compute_dtype=compute_dtype,
                     label=label, mfu_peak_tflops=peak, model_args=args, dataset=ds, loader=loader, eval_batches=held_out,
-                    flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env)
+                    flops_per_token=flops_per_token(args, cfg.data.seq_len), compiled=compiled, notes=notes, dist=env,
+                    loss_grad_fn=loss_grad_fn, loss_head=loss_head)
 
 
 TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments

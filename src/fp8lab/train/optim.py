@@ -1,7 +1,7 @@
 """The optimizers of `optim.name`, all AdamW with decay / no-decay groups, and their state made
 explicit for checkpoints.
 
-- adamw: torch.optim.AdamW, fp32 moments (fused on CUDA): 8 bytes of state per parameter.
+- adamw: torch.optim.AdamW, fp32 moments (fused kernel): 8 bytes of state per parameter.
 - adamw-bf16: both moments stored in bf16 (4 bytes), the update computed in fp32.
 - adamw-8bit / adamw-fp8 / adamw-4bit: TorchAO's block-quantized moments (torchao.optim
   AdamW8bit, AdamWFp8, AdamW4bit; FP8-LM's memory saving): 8-bit dynamic-map codes or FP8 E4M3
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fp8lab.config import OptimConfig
+from fp8lab.errors import FP8LabError
 from fp8lab.precision.plain import to_plain
 
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit", "adamw-fp8", "adamw-4bit")
@@ -61,13 +62,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device: torch.device)
         # 2-core machine (then ~7x faster than eager for 8-bit: CPU runs are tests, not training).
         return _torchao_classes()[cfg.name](groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                             compiled=device.type == "cuda")
-    # fused AdamW is one kernel for all parameters on CUDA; elsewhere torch picks. Tensor
-    # subclasses (MXFP8 weights) are not supported by the fused kernel.
+    # fused AdamW is one kernel for all parameters, on CUDA and on CPU (where it is also ~4x
+    # faster than torch's foreach default: 8.4M parameters, 7-8 vs 26-35 ms on 2 cores), and it skips
+    # a step on the device (found_inf: train.deferred_sync). Tensor subclasses (MXFP8 weights)
+    # are not supported by the fused kernel: torch then picks.
     def local(p):  # FSDP2 shards are DTensors around plain tensors, which fused AdamW takes
         return p._local_tensor if hasattr(p, "_local_tensor") else p.data
 
     params = [p for g in groups for p in g["params"]]
-    fused = device.type == "cuda" and all(type(local(p)) is torch.Tensor for p in params)
+    plain = all(type(local(p)) is torch.Tensor for p in params)
+    if cfg.fused == "on" and not plain:
+        raise FP8LabError("optim.fused=on: fused AdamW cannot update this recipe's weight tensor subclasses "
+                          "(MXFP8); set optim.fused=auto or off")
+    fused = plain and cfg.fused != "off"
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=fused or None,

@@ -35,7 +35,8 @@ from fp8lab.train.schedule import lr_at
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_interval", "train.loss_chunk_tokens", "checkpoint.interval",
                       "checkpoint.keep", "logging.", "debug.", "data.verify", "train.threads", "guard.",
                       "train.stop_signals", "train.activation_checkpoint",  # a memory knob, like the chunked loss
-                      "optim.name")  # another optimizer's state is converted on load
+                      "optim.name",  # another optimizer's state is converted on load
+                      "train.loss_head", "train.deferred_sync", "optim.fused")  # the same step, computed otherwise
 
 
 LOCK_NAME = ".lock"

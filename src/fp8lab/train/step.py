@@ -2,7 +2,10 @@
 `fp8lab bench` times it, so the benchmark measures the step that trains.
 
 It reads top to bottom: micro-batches, loss, backward, clip, optimizer step. One
-device-to-host transfer carries the loss and the gradient norm; nothing else syncs.
+device-to-host transfer carries the loss and the gradient norm; nothing else syncs. With fused
+AdamW (train.deferred_sync) that transfer comes after the optimizer step is queued: a non-finite
+loss or norm skips the step on the device (found_inf), so the GPU does not idle while the host
+waits for the figures and then prepares the optimizer.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from fp8lab.config import JobConfig
 from fp8lab.data.loader import IGNORE_INDEX  # padding targets, made by the loader
@@ -43,30 +45,20 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = 
                            ignore_index=IGNORE_INDEX)
 
 
-def model_loss(model, x: torch.Tensor, y: torch.Tensor, *, docs: torch.Tensor | None = None,
-               chunk_tokens: int = 0) -> torch.Tensor:
+def model_loss(model, x: torch.Tensor, y: torch.Tensor, *, docs: torch.Tensor | None = None, head: str = "plain",
+               chunk_tokens: int = 0, grad_fn=None) -> torch.Tensor:
     """Summed token cross-entropy of `model` on inputs `x`, targets `y`; with `docs` (B, T),
-    each position attends only within its own document (data.document_mask).
-
-    chunk_tokens > 0: the output layer and the loss run that many tokens at a time, each chunk
-    under activation checkpointing, so the fp32 (tokens x vocab) logits and their gradient
-    never exist whole (8.4 GB each for 16K tokens of a 128K vocabulary); the price is the
-    output layer's forward once more in backward. 0: the plain way, one logits tensor."""
-    if not chunk_tokens:
-        return token_loss(model(x, docs), y)
-    h, t = model.hidden_states(x, docs).flatten(0, 1), y.flatten()
-    total = torch.zeros((), device=h.device)
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, tc = h[start:start + chunk_tokens], t[start:start + chunk_tokens]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hc, tc, model.output, use_reentrant=False)
-        else:  # evaluation: nothing is kept for a backward anyway
-            total = total + _chunk_loss(hc, tc, model.output)
-    return total
+    each position attends only within its own document (data.document_mask). `head`,
+    `chunk_tokens`: the loss head (models/head.py; train.loss_head, train.loss_chunk_tokens);
+    `grad_fn`: the fused head's softmax pass, compiled (RunParts.loss_grad_fn)."""
+    return model(x, docs, y, head=head, chunk_tokens=chunk_tokens, grad_fn=grad_fn)
 
 
-def _chunk_loss(h: torch.Tensor, t: torch.Tensor, output: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(output(h).float(), t, reduction="sum", ignore_index=IGNORE_INDEX)
+def run_loss(parts: RunParts, cfg: JobConfig, x: torch.Tensor, y: torch.Tensor,
+             docs: torch.Tensor | None = None) -> torch.Tensor:
+    """model_loss as this run computes it (its loss head, chunking and compiled pieces)."""
+    return model_loss(parts.model, x, y, docs=docs, head=parts.loss_head, chunk_tokens=cfg.train.loss_chunk_tokens,
+                      grad_fn=parts.loss_grad_fn)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -110,7 +102,7 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
             parts.model.set_requires_gradient_sync(i == len(batches) - 1)
         x, y, docs = device_batch(batch, parts.device)
         with parts.autocast():
-            loss = model_loss(parts.model, x, y, docs=docs, chunk_tokens=cfg.train.loss_chunk_tokens)
+            loss = run_loss(parts, cfg, x, y, docs)
             loss = loss / n_tokens if scale is None else loss * scale
         if i == 0 and drill != 1.0:
             loss = loss * drill
@@ -128,14 +120,35 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
         both = torch.stack([loss_sum, torch.full((), float(stop_requested), device=parts.device)])
         dist.all_reduce(both)  # SUM: gloo has no AVG
         loss_sum, stops = both[0] / parts.dist.world_size, [both[1]]
-    loss_val, norm_val, *stop = torch.stack([loss_sum, grad_norm.to(loss_sum.device), *stops]).tolist()  # the one sync
+    figures = torch.stack([loss_sum, grad_norm.to(loss_sum.device), *stops])
     lr = lr_at(step, cfg=cfg.optim, total_steps=cfg.train.steps)
+    opt = parts.optimizer
+    deferred = cfg.train.deferred_sync and _fused_adamw(opt)
+    if deferred:
+        _set_lr(opt, lr)
+        if cfg.guard.skip_nonfinite:
+            # Fused AdamW reads `found_inf` (as under AMP's GradScaler): when it is 1, neither the
+            # weights, the moments nor the step count change, as if step() had not been called.
+            opt.found_inf = (~torch.isfinite(figures[:2]).all()).float()
+        opt.step()
+        opt.found_inf = None
+    loss_val, norm_val, *stop = figures.tolist()  # the one sync
     stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
+    if stepped and not deferred:
+        _set_lr(opt, lr)
+        opt.step()
     if stepped:
-        for group in parts.optimizer.param_groups:
-            group["lr"] = lr
-        parts.optimizer.step()
         post_optimizer_hook(parts.model, parts.report)
-    parts.optimizer.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     return StepResult(loss=loss_val, grad_norm=norm_val, lr=lr, stepped=stepped,
                       stop=stop[0] > 0 if stop else stop_requested)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _fused_adamw(opt: torch.optim.Optimizer) -> bool:
+    """torch's fused AdamW: the one optimizer here that can skip a step on the device."""
+    return isinstance(opt, torch.optim.AdamW) and all(g.get("fused") for g in opt.param_groups)

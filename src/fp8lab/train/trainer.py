@@ -36,7 +36,7 @@ from fp8lab.train.resume import data_fingerprint, restore, resume, set_aside_unu
 from fp8lab.train.rng import capture_rng
 from fp8lab.train.rollback import GuardStopped, RollbackPlan, plan_rollback
 from fp8lab.train.rundir import RunDirLock, check_run_dir, save_run_tokenizer, with_recipe, write_run_config
-from fp8lab.train.step import device_batch, finite_or_none, model_loss, to_device, token_loss, train_step
+from fp8lab.train.step import device_batch, finite_or_none, run_loss, to_device, token_loss, train_step
 from fp8lab.ui import TrainProgress, console, setup_logging
 
 
@@ -179,7 +179,7 @@ class Trainer:
                 count += int((batch[1] != IGNORE_INDEX).sum())  # on the host copy: no device sync
                 x, y, docs = device_batch(batch, parts.device)
                 with parts.autocast():
-                    total += model_loss(parts.model, x, y, docs=docs, chunk_tokens=self.cfg.train.loss_chunk_tokens)
+                    total += run_loss(parts, self.cfg, x, y, docs)
         parts.model.train()
         if self.env.active:
             # Each rank evaluated its rows of the held-out batches: add them up. FSDP2 leaves the
