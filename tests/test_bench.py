@@ -44,6 +44,8 @@ def test_json_alone_on_stdout_and_in_the_out_file(bench):
     baseline = result["recipes"][0]["label"]  # "bf16", or what ran instead on a CPU without native bf16
     assert f"| {baseline} | ok |" in md and "| fp8-tensorwise | ok |" in md and "bf16/recipe" in md
     assert "| 7/8: wq wk wv wo w1 w2 w3 |" in md  # FP8 linears: every block linear, not the output
+    # the step's switches as they resolved on this CPU (train.loss_head=auto: plain; fused AdamW)
+    assert f"- {baseline} step: loss head plain; fused AdamW; loss and norm read after the optimizer" in md
 
 
 def test_every_timed_step_counted_and_the_figures_follow_from_them(bench):

@@ -96,5 +96,6 @@ def to_markdown(result: dict) -> str:
         lines += ["", f"Plain: {result['plain']['what']}."]
     if result["layers"] is not None:
         lines += ["", f"Per linear shape: {result['layers']['what']}.", "", *md(*layer_table_rows(result))]
-    lines += [""] + [f"- {n}" for n in result["notes"]]
+    steps = {r.get("label") or r["recipe"]: r["step"] for r in result["recipes"] if r.get("step")}
+    lines += [""] + [f"- {name} step: {s}" for name, s in steps.items()] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines).rstrip() + "\n"

@@ -216,7 +216,7 @@ def measure(spec: dict) -> dict:
     from fp8lab.precision import get_recipe
     from fp8lab.precision.support import resolve_compute_dtype
     from fp8lab.train.build import build
-    from fp8lab.train.step import finite_or_none, train_step
+    from fp8lab.train.step import describe_step, finite_or_none, train_step
 
     cfg = load_config(spec["config"], spec["overrides"])
     # A fresh process: CUDA's peak-allocated counter and ru_maxrss both start here, so the
@@ -273,6 +273,7 @@ def measure(spec: dict) -> dict:
         "mfu_peak_tflops": peak, "mem_peak_gb": mem, "mem_predicted_gb": predict_for(parts, cfg).total / 1e9,
         "skipped_steps": skipped,
         "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(parts.notes),
+        "step": describe_step(parts, cfg),
     }
     if cuda and cfg.precision.recipe == BASELINE and not skipped and spec.get("store", True):
         # `fp8lab advise` anchors its step predictions to the measured bf16 step of the same shapes and settings.

@@ -16,7 +16,7 @@ from fp8lab.precision.support import EMULATION_NOTE
 from fp8lab.train.build import RunParts
 from fp8lab.train.dist import DistEnv
 from fp8lab.train.fingerprint import batch_crc
-from fp8lab.train.step import StepResult, finite_or_none
+from fp8lab.train.step import StepResult, describe_step, finite_or_none
 from fp8lab.ui import console
 
 
@@ -39,6 +39,7 @@ def print_header(run_dir: Path, cfg: JobConfig, parts: RunParts, env: DistEnv, *
         f"compile {'on' if parts.compiled else 'off'}, {tokens_per_step:,} tokens/step"
     )
     console.print(f"  {parts.report.summary()}")
+    console.print(f"  step: {describe_step(parts, cfg)}", style="dim")
     console.print("  config: " + "\n          ".join(escape(line) for line in cfg.compact()), style="dim")
     for note in parts.notes:
         if note != EMULATION_NOTE:  # convert() already said it, loudly

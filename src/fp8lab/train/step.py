@@ -144,6 +144,16 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
                       stop=stop[0] > 0 if stop else stop_requested)
 
 
+def describe_step(parts: RunParts, cfg: JobConfig) -> str:
+    """The step's fast-path switches as they resolved here, for the run's header."""
+    head = f"loss head {parts.loss_head}" + (" (softmax pass compiled)" if parts.loss_grad_fn else "")
+    fused = _fused_adamw(parts.optimizer)
+    sync = ("loss and norm read after the optimizer step is queued" if cfg.train.deferred_sync and fused
+            else "loss and norm read before the optimizer step")
+    residual = "" if parts.model.residual_dtype is None else f", residual stream {str(parts.model.residual_dtype)[6:]}"
+    return f"{head}; {'fused AdamW' if fused else cfg.optim.name}; {sync}{residual}"
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
