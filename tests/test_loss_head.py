@@ -78,10 +78,11 @@ def test_fused_head_under_bf16_autocast_matches_plain():
 
 
 def test_default_chunk_keeps_a_chunks_logits_bounded():
-    assert chunk_size(0, 128_256, 16_384) == 4_185  # compiled: 512M logits per chunk for Llama 3's vocabulary
-    assert chunk_size(0, 128_256, 16_384, compiled=False) == 523  # eager: 64M, its fp32 temporaries bounded
+    # compiled: at most 512M logits per chunk (4,185 tokens of Llama 3's vocabulary), in equal chunks
+    assert chunk_size(0, 128_256, 16_384) == 4_096
+    assert chunk_size(0, 128_256, 16_384, compiled=False) == 512  # eager: at most 64M (523 tokens): 32 chunks
     assert chunk_size(0, 640, 120) == 120  # a small vocabulary: one chunk
-    assert chunk_size(7, 640, 120) == 7
+    assert chunk_size(7, 640, 120) == 7 and chunk_size(50, 640, 120) == 40  # 3 equal chunks, not 50 + 50 + 20
 
 
 def test_a_run_trains_alike_with_each_head(tiny_data, tmp_path):
@@ -108,6 +109,20 @@ def test_fused_head_refuses_an_fp8_output_layer(tiny_data):
         assert "output" in {c["name"] for c in parts.report.converted} and parts.loss_head == "plain"
 
 
-def test_auto_is_fused_on_cuda_and_plain_on_cpu():
-    assert resolve_head("auto", cuda=True) == "fused" and resolve_head("auto", cuda=False) == "plain"
-    assert resolve_head("checkpointed", cuda=True) == "checkpointed"
+def test_auto_is_fused_where_compiled_on_cuda_and_keeps_asked_for_chunks():
+    assert resolve_head("auto", compiled_cuda=True) == "fused"
+    assert resolve_head("auto", compiled_cuda=False) == "plain"
+    assert resolve_head("auto", compiled_cuda=False, chunk_tokens=512) == "checkpointed"  # older configs' chunks
+    assert resolve_head("auto", compiled_cuda=True, output_converted=True) == "plain"
+    assert resolve_head("checkpointed", compiled_cuda=True) == "checkpointed"
+    with pytest.raises(ValueError, match="train.loss_head=plain"):
+        resolve_head("fused", compiled_cuda=True, output_converted=True)
+
+
+def test_the_fused_heads_backward_runs_once():
+    """Its precomputed gradients are scaled in place: a second backward would scale them twice."""
+    x, y = _batch()
+    loss = model_loss(_model(), x, y, head="fused")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()

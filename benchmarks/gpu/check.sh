@@ -8,8 +8,9 @@
 #      precision.filter_mode=auto as its own row (`fp8-rowwise:filter_mode=auto`, so it is measured
 #      against bf16 in the same invocation; its plain-loop twin is the plain fp8-rowwise run);
 #   3. the same for preset 3b: bf16, fp8-tensorwise;
-#   4. fp8lab advise --json for 1b and 3b at the same shapes, after the benches (so an advisor that
-#      anchors on bench's measured bf16 step finds it in $FP8LAB_CACHE).
+#   4. fp8lab doctor (the card's measured rates), then fp8lab advise --json for 1b and 3b at the same
+#      shapes, after the benches (so advise anchors on bench's measured bf16 step, found in
+#      $FP8LAB_CACHE, and uses doctor's rates).
 # Bench shapes: seq 512, 32 x 512 = 16K tokens per step (grad_accum_steps=1, which --vs-plain needs),
 # random tokens of Llama 3's vocabulary, tied embeddings, 3 warm-up + 15 timed steps, median.
 # --vs-plain runs the plain PyTorch + TorchAO loop (src/fp8lab/bench/plain_loop.py) beside each
@@ -88,6 +89,15 @@ bench bench-1b configs/1b-h100.toml bf16,fp8-tensorwise,fp8-rowwise,fp8-rowwise:
 bench bench-3b configs/3b-h200.toml bf16,fp8-tensorwise 75 140 40
 cat "$WORK"/bench-1b.md "$WORK"/bench-3b.md > "$OUT/bench.md" 2>/dev/null
 
+# doctor measures this card's GEMM rates and bandwidth (~17 s) into $FP8LAB_CACHE, so advise uses
+# them (the issue's table was predicted from doctor's rates), beside bench's measured bf16 step.
+if (( HARD - SECONDS > 80 )); then
+  echo "== doctor, from ${SECONDS}s" >> "$LOG"
+  timeout 60 $PY -m fp8lab doctor >> "$LOG" 2>&1
+  echo "doctor exit: $? after ${SECONDS}s" >> "$LOG"
+else
+  echo "== doctor: skipped, $(( HARD - SECONDS ))s left (advise uses the datasheet rates)" >> "$LOG"
+fi
 for preset in 1b 3b; do
   echo "== advise $preset (16,384 tokens per micro-batch, seq 512), from ${SECONDS}s" >> "$LOG"
   timeout 40 $PY -m fp8lab advise --model $preset --gpu auto --batch-tokens 16384 --seq-len 512 --json \

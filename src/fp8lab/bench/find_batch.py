@@ -24,7 +24,7 @@ from fp8lab.errors import FP8LabError
 MEMORY_HEADROOM = 0.92  # of the card: the CUDA context, allocator fragmentation, compile's workspaces
 GROWTH = 1.25  # step up while nothing failed yet: the memory model is within ~5% (README, Memory)
 MAX_TRIALS = 6
-OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+OOM_MARKERS = ("outofmemoryerror", "out of memory", "cublas_status_alloc_failed")  # matched lower-case
 
 
 def search(fits: Callable[[int], bool], start: int, *, max_trials: int = MAX_TRIALS,
@@ -67,7 +67,13 @@ def predicted_start(cfg, args, recipe: str, memory_bytes: float) -> int:
         return predict_memory(args, tokens=batch * cfg.data.seq_len, recipe=recipe, converted=converted,
                               optimizer=cfg.optim.name, activation_checkpoint=cfg.train.activation_checkpoint,
                               compute_bytes=2, loss_chunk_tokens=cfg.train.loss_chunk_tokens, compiled=True,
-                              loss_head=resolve_head(cfg.train.loss_head, cuda=True)).total
+                              loss_head=head).total
+
+    try:
+        head = resolve_head(cfg.train.loss_head, compiled_cuda=cfg.precision.compile != "off",
+                            output_converted="output" in converted, chunk_tokens=cfg.train.loss_chunk_tokens)
+    except ValueError as e:
+        raise FP8LabError(f"--find-batch {recipe}: {e}") from None
 
     budget = MEMORY_HEADROOM * memory_bytes
     batch = 1
@@ -82,13 +88,13 @@ def predicted_start(cfg, args, recipe: str, memory_bytes: float) -> int:
 
 def is_oom(row: dict) -> bool:
     text = " ".join([str(row.get("reason") or ""), *row.get("log_tail", [])])
-    return any(m in text for m in OOM_MARKERS)
+    return any(m in text.lower() for m in OOM_MARKERS)
 
 
 def find_batch(opts, cfg, args, *, recipe: str, overrides: dict, memory_bytes: float, workdir: Path,
-               launch: Callable, progress: Callable[[str], None]) -> dict:
+               launch: Callable, progress: Callable[[str], None], limit: int) -> dict:
     """One recipe's search: {'recipe', 'predicted', 'largest', 'fastest', 'trials': [rows]}."""
-    start = predicted_start(cfg, args, recipe, memory_bytes)
+    start = min(predicted_start(cfg, args, recipe, memory_bytes), limit)
     progress(f"{recipe}: the memory model puts the largest micro-batch at {start}; trying real steps")
     rows: dict[int, dict] = {}
 
@@ -106,7 +112,7 @@ def find_batch(opts, cfg, args, *, recipe: str, overrides: dict, memory_bytes: f
                                            else "out of memory"))
         return row["status"] == "ok"
 
-    largest, trials = search(fits, start)
+    largest, trials = search(fits, start, limit=limit)
     ok = {b: r for b, r in rows.items() if r["status"] == "ok"}
     fastest = max(ok, key=lambda b: ok[b]["tokens_per_s"], default=None)
     return {"recipe": recipe, "predicted": start, "largest": largest, "fastest": fastest,
@@ -132,6 +138,9 @@ def run_find_batch(opts, cfg, args, *, here: dict, overrides: dict, launch: Call
     if spec is None:
         raise FP8LabError(f"--find-batch: {here['device']} is not in fp8lab's GPU table, so its memory is unknown; "
                           "bench at a few --data.micro_batch_size values instead")
+    from fp8lab.train.build import open_data
+
+    limit = len(open_data(cfg).split("train"))  # a micro-batch cannot hold more sequences than there are
     found = []
     with tempfile.TemporaryDirectory(prefix="fp8lab-find-batch-") as tmp:
         for entry in opts.recipes:
@@ -140,7 +149,7 @@ def run_find_batch(opts, cfg, args, *, here: dict, overrides: dict, launch: Call
                 continue
             found.append(find_batch(opts, cfg, args, recipe=entry, overrides=overrides,
                                     memory_bytes=spec.mem_gb * 1e9, workdir=Path(tmp), launch=launch,
-                                    progress=progress))
+                                    progress=progress, limit=limit))
     return {"format": 1, "find_batch": found, "device": here["device"], "seq_len": cfg.data.seq_len,
             "memory_gb": spec.mem_gb, "headroom": MEMORY_HEADROOM, "notes": notes, "versions": versions,
             "how": (f"each size: its own process, 1 warm-up + 2 timed steps; out of memory = does not fit; start "
@@ -161,6 +170,8 @@ def find_batch_lines(result: dict) -> list[str]:
         tried = "; ".join(f"{t['micro_batch_size']}: " + (f"{t['tokens_per_s']:,.0f} tok/s, {t['mem_peak_gb']:.1f} / "
                                                           f"{t['mem_predicted_gb']:.1f} GB" if t["fits"] else "OOM")
                           for t in r["trials"])
-        out.append(f"| {r['recipe']} | {r['predicted']} | {r['largest'] or 'none (1 does not fit)'} | "
+        none = "none (1 does not fit)" if {"micro_batch_size": 1, "fits": False} in [
+            {k: t[k] for k in ("micro_batch_size", "fits")} for t in r["trials"]] else "none found in the sizes tried"
+        out.append(f"| {r['recipe']} | {r['predicted']} | {r['largest'] or none} | "
                    f"{r['fastest'] or '-'} | {tried} |")
     return out + [""] + [f"- {n}" for n in result["notes"]]

@@ -239,8 +239,8 @@ def measure(spec: dict) -> dict:
     for _ in range(spec["steps"]):
         step += 1
         if cuda:
-            # train_step syncs once (loss and norm to the host) but queues the optimizer after
-            # it: the end event waits for everything the step queued.
+            # train_step syncs once (loss and norm to the host; with train.deferred_sync after the
+            # optimizer is queued, else before): the end event waits for everything the step queued.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             r = train_step(parts, cfg, step, batches)
@@ -275,7 +275,10 @@ def measure(spec: dict) -> dict:
         "loss_first": finite_or_none(losses[0]), "loss_last": finite_or_none(losses[-1]), "notes": list(parts.notes),
         "step": describe_step(parts, cfg),
     }
-    if cuda and cfg.precision.recipe == BASELINE and not skipped and spec.get("store", True):
+    # Stored only for the settings step_key names (others at their defaults): advise looks these up.
+    plain_settings = (not cfg.train.loss_chunk_tokens and not cfg.data.document_mask and cfg.train.deferred_sync
+                      and cfg.optim.fused == "auto" and cfg.precision.compute_dtype == "auto")
+    if cuda and cfg.precision.recipe == BASELINE and not skipped and spec.get("store", True) and plain_settings:
         # `fp8lab advise` anchors its step predictions to the measured bf16 step of the same shapes and settings.
         from fp8lab.perf.measure import step_key, store_step_time
 
@@ -361,13 +364,11 @@ def run_bench(opts: BenchOptions, *, progress: Callable[[str], None] = lambda s:
     notes: list[str] = []
     if opts.random_data:
         vocab = cfg.model.vocab_size or PRESETS[cfg.model.preset].vocab_size
-        path = random_dataset(vocab=vocab, seq_len=cfg.data.seq_len,
-                              count=cfg.data.micro_batch_size * cfg.train.grad_accum_steps if not opts.find_batch
-                              else FIND_BATCH_SEQUENCES)
+        count = FIND_BATCH_SEQUENCES if opts.find_batch else cfg.data.micro_batch_size * cfg.train.grad_accum_steps
+        path = random_dataset(vocab=vocab, seq_len=cfg.data.seq_len, count=count)
         overrides["data.path"] = str(path)
         cfg = load_config(opts.config, overrides)
-        notes.append(f"--random-data: {cfg.data.micro_batch_size * cfg.train.grad_accum_steps} random sequences "
-                     f"of vocabulary {vocab} ({path})")
+        notes.append(f"--random-data: {count} random sequences of vocabulary {vocab} ({path})")
     if cfg.data.document_mask:
         notes.append("data.document_mask=true: each position attends only within its document (SDPA with a "
                      "boolean mask; on CUDA that rules out the flash kernel); bench again without it for its cost")

@@ -86,7 +86,8 @@ def _settings(args, cfg) -> dict:
             "optimizer": args.optimizer or cfg.optim.name,
             "activation_checkpoint": args.activation_checkpoint or cfg.train.activation_checkpoint,
             # auto resolves as on a GPU, which is what advise predicts
-            "loss_head": args.loss_head or resolve_head(cfg.train.loss_head, cuda=True),
+            "loss_head": args.loss_head or resolve_head(cfg.train.loss_head, compiled_cuda=cfg.precision.compile != "off",
+                                                        chunk_tokens=cfg.train.loss_chunk_tokens),
             "residual_dtype": args.residual_dtype or cfg.precision.residual_dtype,
             "loss_chunk_tokens": cfg.train.loss_chunk_tokens}
 
@@ -98,7 +99,8 @@ def _bf16_step(args, gpu_id: str, margs, *, tokens: int, seq_len: int, st: dict)
 
     if args.bf16_step_ms is not None:
         if not args.bf16_step_ms > 0:
-            raise FP8LabError("--bf16-step-ms must be positive")
+            raise FP8LabError(f"--bf16-step-ms {args.bf16_step_ms!r} must be a positive number of milliseconds "
+                              "(a measured bf16 step of this configuration)")
         return {"step_s": args.bf16_step_ms / 1e3, "source": "--bf16-step-ms"}
     if args.no_anchor:
         return None

@@ -103,12 +103,13 @@ class TrainConfig:
     loss_head: str = opt("auto", "how the output layer and loss run: fused = chunk by chunk, the logits' "
                                  "gradient and both backward GEMMs computed in forward (no fp32 logits, no "
                                  "recompute); plain = all tokens at once on fp32 logits; checkpointed = chunks "
-                                 "recomputed in backward; auto = fused on CUDA, plain on CPU (and plain for an FP8 "
-                                 "output layer, which fused cannot run)",
+                                 "recomputed in backward; auto = fused on CUDA with compile, else checkpointed if "
+                                 "train.loss_chunk_tokens is set, else plain (also for an FP8 output layer, which "
+                                 "fused cannot run)",
                          choices=("auto", "fused", "plain", "checkpointed"))
     loss_chunk_tokens: int = opt(0, "tokens per chunk of the fused and checkpointed loss heads (0: as many as "
-                                    "keep a chunk's logits at 512M values on CUDA, 4,185 tokens for Llama 3's vocabulary; 64M on "
-                                    "CPU, where the softmax pass runs eagerly)")
+                                    "keep a chunk's logits under 512M values when the fused head's softmax pass is compiled, 64M when "
+                                    "eager; chunks made equal)")
     deferred_sync: bool = opt(True, "read the loss and gradient norm after the optimizer step is queued, which "
                                     "skips a non-finite step on the device (fused AdamW's found_inf), so the GPU "
                                     "never waits mid-step; needs fused AdamW (optim.fused), else they are read "

@@ -37,16 +37,31 @@ HEADS = ("fused", "plain", "checkpointed")
 CHUNK_LOGITS = {"compiled": 1 << 29, "eager": 1 << 26}
 
 
-def resolve_head(setting: str, *, cuda: bool) -> str:
-    """train.loss_head's `auto`: fused on CUDA, where its softmax pass is compiled; plain on CPU,
-    where that pass runs eagerly and was measured slower than plain (benchmarks/results/
-    2026-12-01-cpu-loss-head.md), though smaller."""
-    return ("fused" if cuda else "plain") if setting == "auto" else setting
+def resolve_head(setting: str, *, compiled_cuda: bool, output_converted: bool = False,
+                 chunk_tokens: int = 0) -> str:
+    """train.loss_head as it runs. `auto`: fused where its softmax pass is compiled (CUDA with
+    precision.compile); else checkpointed when train.loss_chunk_tokens asks for chunks, plain when
+    not: on CPU that pass runs eagerly and was measured slower than plain (benchmarks/results/
+    2026-12-01-cpu-loss-head.md). An FP8 output layer (`output_converted`) computes its own GEMMs,
+    which the fused head cannot: auto then takes plain or checkpointed; an explicit fused is refused."""
+    if setting == "fused" and output_converted:
+        raise ValueError("train.loss_head=fused computes the output layer's GEMMs itself, but the recipe "
+                         "converted it (precision.skip_modules lacks 'output'): set --train.loss_head=plain (or "
+                         "checkpointed) for an FP8 output layer, or keep 'output' in precision.skip_modules")
+    if setting != "auto":
+        return setting
+    if compiled_cuda and not output_converted:
+        return "fused"
+    return "checkpointed" if chunk_tokens else "plain"
 
 
 def chunk_size(chunk_tokens: int, vocab: int, tokens: int, *, compiled: bool = True) -> int:
-    """Tokens per chunk: `chunk_tokens`, or (0) as many as keep a chunk's logits at CHUNK_LOGITS."""
-    return max(1, min(tokens, chunk_tokens or CHUNK_LOGITS["compiled" if compiled else "eager"] // vocab))
+    """Tokens per chunk: at most `chunk_tokens`, or (0) as many as keep a chunk's logits at
+    CHUNK_LOGITS; the chunks made equal, so a compiled pass sees one shape (16K tokens of a 128K
+    vocabulary: 4 x 4,096, not 3 x 4,185 and a 3,829)."""
+    most = max(1, min(tokens, chunk_tokens or CHUNK_LOGITS["compiled" if compiled else "eager"] // vocab))
+    n = -(-tokens // most)
+    return -(-tokens // n)
 
 
 def softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +85,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here, explicitly
             x, w = h.to(dtype), weight.to(dtype)
             grad_h = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-            # fp32 accumulator over chunks: each chunk's GEMM rounds once, as plain's single GEMM does.
+            # fp32 accumulator over chunks: each chunk's bf16 GEMM result is rounded once, then summed
+            # in fp32 (plain rounds its one GEMM's result once).
             grad_w = None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, x.shape[0], chunk):
@@ -82,17 +98,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if ctx.needs_input_grad[1]:
                     part = g.t() @ xc
                     grad_w = part.float() if grad_w is None else grad_w.add_(part)  # add_ upcasts in the kernel
-        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        ctx.h_dtype, ctx.w_dtype, ctx.spent = h.dtype, weight.dtype, False
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         # The gradients were computed for d(loss) = 1; the real one (1 / tokens, a drill's factor)
-        # is a scalar, applied here: one pass over each, no GEMM.
+        # is a scalar, applied here in place: one pass over each, no GEMM, no second vocab x dim
+        # fp32 tensor. In place means once: a second backward (retain_graph) would scale twice.
+        if ctx.spent:
+            raise RuntimeError("the fused loss head's backward runs once (no retain_graph); use "
+                               "train.loss_head=plain to backpropagate through the loss twice")
+        ctx.spent = True
         grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else (grad_h * grad_total).to(ctx.h_dtype)
-        gw = None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype)
+        gh = None if grad_h is None else grad_h.mul_(grad_total).to(ctx.h_dtype)
+        gw = None if grad_w is None else grad_w.mul_(grad_total).to(ctx.w_dtype)
         return gh, gw, None, None, None, None
 
 

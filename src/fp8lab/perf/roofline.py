@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 from fp8lab.errors import FP8LabError
 from fp8lab.models.flops import param_counts
-from fp8lab.models.head import chunk_size
+from fp8lab.models.head import HEADS, chunk_size
 from fp8lab.models.llama import ModelArgs
 from fp8lab.perf.roofline_linear import (  # noqa: F401 - re-exported: the roofline's public names
     ATTENTION_EFFICIENCY,
@@ -76,7 +76,7 @@ from fp8lab.perf.roofline_linear import (  # noqa: F401 - re-exported: the roofl
 )
 from fp8lab.precision.recipes import RECIPES
 
-LOSS_HEADS = ("fused", "plain", "checkpointed")
+LOSS_HEADS = HEADS
 # The residual stream's dtype (precision.residual_dtype): "compute" is the autocast dtype, bf16.
 RESIDUAL_BYTES = {"fp32": B_FP32, "bf16": B_BF16, "compute": B_BF16}
 
@@ -95,7 +95,7 @@ FUSED_HEAD_BYTES = 2 * B_BF16 + B_BF16
 # in the kernel); once: scaled and returned (4 + 4), where a plain head casts bf16 to fp32 (2 + 4,
 # already in the output layer's linear cost).
 FUSED_GW_CHUNK_BYTES = B_BF16 + 2 * B_FP32
-FUSED_GW_ONCE_BYTES = (B_BF16 + B_FP32) + 2 * B_FP32 - (B_BF16 + B_FP32)
+FUSED_GW_ONCE_BYTES = 2 * B_FP32  # cast (2 + 4) + scale (4 + 4) - the plain head's cast (2 + 4)
 
 
 @dataclass(frozen=True)

@@ -168,15 +168,17 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
     report = convert_meta(model, device=device, **how) if fsdp else convert(model, **how)
     if report.emulated:
         notes.append(EMULATION_NOTE)
-    loss_head = resolve_head(cfg.train.loss_head, cuda=on_cuda)
-    if loss_head == "fused" and any(c["name"] == "output" for c in report.converted):
-        if cfg.train.loss_head == "fused":
-            raise FP8LabError(f"train.loss_head=fused computes the output layer's GEMMs itself, but {recipe.name} "
-                              "converted it (precision.skip_modules lacks 'output'): set --train.loss_head=plain (or "
-                              "checkpointed) for an FP8 output layer, or keep 'output' in precision.skip_modules")
-        loss_head = "plain"
-        notes.append("train.loss_head=auto: the plain loss head, as the output layer is FP8 (the fused head runs "
-                     "its GEMMs in bf16)")
+    compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
+    try:
+        loss_head = resolve_head(cfg.train.loss_head, compiled_cuda=compiled and on_cuda,
+                                 output_converted=any(c["name"] == "output" for c in report.converted),
+                                 chunk_tokens=cfg.train.loss_chunk_tokens)
+    except ValueError as e:
+        raise FP8LabError(str(e)) from None
+    if cfg.train.loss_head == "auto" and on_cuda and loss_head != "fused":
+        notes.append(f"train.loss_head=auto: the {loss_head} loss head, as "
+                     + ("the output layer is FP8" if compiled else "precision.compile is off (the fused head's "
+                                                                    "softmax pass runs compiled)"))
     if cfg.precision.residual_dtype == "compute":
         model.residual_dtype = compute_dtype
         if compute_dtype != torch.float32:
@@ -186,7 +188,6 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
     # the checkpointed forward) and FSDP2 (whose per-block hooks then sit outside it): torchtitan's order.
     if apply_activation_checkpointing(model, mode=cfg.train.activation_checkpoint):
         notes.append(ac_note(cfg.train.activation_checkpoint))
-    compiled = cfg.precision.compile == "on" or (cfg.precision.compile == "auto" and device.type == "cuda")
     if compiled:
         # Per block, as torchtitan does: the blocks are identical, so dynamo compiles one
         # graph and reuses it (compile time does not grow with depth), and compiling in
@@ -200,7 +201,8 @@ def build(cfg: JobConfig, *, extra_skip: list[str] = (), fresh: bool = True) -> 
     loss_grad_fn = None
     if compiled and on_cuda:
         model.norm.compile(dynamic=False)
-        loss_grad_fn = torch.compile(softmax_grad, dynamic=False)
+        if loss_head == "fused":
+            loss_grad_fn = torch.compile(softmax_grad, dynamic=False)
     if fsdp:
         if cfg.parallel.float8_all_gather:
             check_fp8_gather_shapes(model, report, shard_count(env, cfg.parallel.replicate))

@@ -130,8 +130,10 @@ def train_step(parts: RunParts, cfg: JobConfig, step: int, batches: list[tuple[t
             # Fused AdamW reads `found_inf` (as under AMP's GradScaler): when it is 1, neither the
             # weights, the moments nor the step count change, as if step() had not been called.
             opt.found_inf = (~torch.isfinite(figures[:2]).all()).float()
-        opt.step()
-        opt.found_inf = None
+        try:
+            opt.step()
+        finally:  # never left for a later step() (e.g. after an out-of-memory here) to read
+            opt.found_inf = None
     loss_val, norm_val, *stop = figures.tolist()  # the one sync
     stepped = (math.isfinite(loss_val) and math.isfinite(norm_val)) or not cfg.guard.skip_nonfinite
     if stepped and not deferred:
