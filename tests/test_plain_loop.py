@@ -101,3 +101,12 @@ def test_vs_plain_refuses_gradient_accumulation(capsys):
     assert main(["bench", "--vs-plain", "--train.grad_accum_steps=2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fp8lab: error: --vs-plain") and "--train.grad_accum_steps=1" in err
+
+
+def test_settings_the_plain_loop_lacks_are_named_per_entry():
+    from fp8lab.bench.vs_plain import differences
+    from fp8lab.config import load_config
+
+    assert differences(load_config(None, {})) == []  # fp8lab's defaults: the ratio compares like with like
+    said = differences(load_config(None, {"precision.filter_mode": "auto", "precision.residual_dtype": "compute"}))
+    assert len(said) == 2 and "filter_mode" in said[0] and "residual_dtype=compute" in said[1]

@@ -56,6 +56,8 @@ def differences(cfg) -> list[str]:
         said.append(f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens}")
     if cfg.precision.filter_mode != "all" or list(cfg.precision.skip_modules) != ["output"]:
         said.append("precision.filter_mode / skip_modules (the plain loop converts every linear but the output)")
+    if cfg.precision.residual_dtype != "fp32":
+        said.append(f"precision.residual_dtype={cfg.precision.residual_dtype} (the plain loop's residual stream is fp32)")
     if cfg.precision.compute_dtype != "auto" or cfg.precision.emulate != "auto":
         said.append("precision.compute_dtype / emulate (the plain loop: bf16 autocast on CUDA, FP8 emulated on CPU)")
     return said
@@ -74,7 +76,7 @@ class PlainRuns:
                       "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab": args.vocab_size,
                       "tie": args.tie_embeddings, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
                       "batch": cfg.data.micro_batch_size, "seq_len": cfg.data.seq_len}
-        self.differences = differences(cfg)
+        self.differences: dict[str, list[str]] = {}  # entry -> its settings the plain loop lacks
         self.by_entry: dict[str, dict] = {}
         self._done: dict[str, dict] = {}  # spec as JSON -> result: one plain run per distinct spec
 
@@ -87,6 +89,7 @@ class PlainRuns:
 
     def measure(self, entry: str, ecfg, *, tag: str) -> dict:
         spec = self.spec(ecfg)
+        self.differences[entry] = differences(ecfg)  # per entry: 'fp8-rowwise:filter_mode=auto' differs alone
         if spec["recipe"] not in TORCHAO:
             result = {"status": "unsupported",
                       "reason": f"the plain loop runs {', '.join(TORCHAO)}, not {spec['recipe']}"}
@@ -120,9 +123,10 @@ class PlainRuns:
         if base_tps is None:
             notes.append("no plain-loop speedups: the plain loop's bf16 " + ("was not measured" if self.baseline not in
                          self.by_entry else "did not run") + " in this invocation")
-        if self.differences:
+        said = {e: d for e, d in self.differences.items() if d}
+        if said:
             notes.append("--vs-plain: fp8lab runs with settings the plain loop does not have, and fp8lab/plain "
-                         "includes them: " + "; ".join(self.differences))
+                         "includes them: " + "; ".join(f"{e}: {', '.join(d)}" for e, d in said.items()))
         return notes
 
     def describe(self) -> dict:
