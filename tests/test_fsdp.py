@@ -38,11 +38,14 @@ def summary(run) -> dict:
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
     """One process with micro-batch 8, and two ranks with 4 each, in fp32 and emulated
-    fp8-tensorwise (with and without FP8 all-gather)."""
+    fp8-tensorwise (with and without FP8 all-gather). The fp32 pair runs the fused loss head in
+    chunks: under FSDP2 it must run inside the root's forward, where the output weight is gathered."""
     root = tmp_path_factory.mktemp("fsdp")
     out = {}
     for name, recipe in (("fp32", "bf16"), ("fp8", "fp8-tensorwise")):
         extra = {"precision__recipe": recipe, "precision__compute_dtype": "fp32" if recipe == "bf16" else "auto"}
+        if recipe == "bf16":
+            extra |= {"train__loss_head": "fused", "train__loss_chunk_tokens": 48}
         single = root / f"single-{name}"
         proc = run_cli(["train", "--run-dir", single, *tiny_args(data__path=tiny_data, data__micro_batch_size=8,
                                                                  **BASE, **extra)], cache=root / "cache")
@@ -61,6 +64,7 @@ def runs(tiny_data, tmp_path_factory):
 
 def test_two_ranks_train_what_one_process_with_both_batches_trains(runs):
     single, fsdp = runs["single-fp32"], runs["fsdp-fp32-ag0"]
+    assert summary(fsdp)["step"].startswith("loss head fused;") and summary(single)["step"].startswith("loss head fused;")
     assert losses(fsdp) == pytest.approx(losses(single), rel=1e-5)
     assert summary(fsdp)["final_eval_loss"] == pytest.approx(summary(single)["final_eval_loss"], rel=1e-5)
     # Throughput and tokens count both ranks' batches.

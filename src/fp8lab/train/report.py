@@ -77,7 +77,8 @@ def run_summary(run_dir: Path, cfg: JobConfig, parts: RunParts, env: DistEnv, re
     return {
         "run_dir": str(run_dir), "status": status, "recipe": cfg.precision.recipe, "label": parts.label,
         "emulated": parts.report.emulated, "compute_dtype": dtype_name(parts.compute_dtype),
-        "compiled": parts.compiled, "device": device_name(parts.device), "conversion": parts.report.to_dict(),
+        "compiled": parts.compiled, "step": describe_step(parts, cfg), "device": device_name(parts.device),
+        "conversion": parts.report.to_dict(),
         **facts,
         "final_train_loss": losses[-1] if losses else None,
         "final_eval_loss": None if final_eval is None else finite_or_none(final_eval),
